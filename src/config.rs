@@ -1,0 +1,245 @@
+//! Server configuration: one struct, every limit with its default and the reason for it.
+//!
+//! Parsing of flags and environment variables happens only in the binary (`main.rs`); this module
+//! holds the values plus the small parsers for sizes (`64KiB`) and durations (`500ms`, `25s`, `2m`)
+//! that the binary and the tests share. [`Config::default`] is what `ringhub serve` runs with.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a hub instance needs to know. Build one with `Config::default()` and adjust fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address every shard listens on with SO_REUSEPORT. Default `127.0.0.1:8080`: local-only
+    /// unless the operator opens it up on purpose. Port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Number of shards (threads, each with its own runtime, listener and connection table).
+    /// Default: one per available core.
+    pub shards: usize,
+    /// Cores the shards are pinned to, in shard order (`--cpus 0,2-3`). Default: cores 0..shards
+    /// (wrapping around when there are more shards than cores).
+    pub cpus: Option<Vec<usize>>,
+    /// Pin shard threads to cores (default true). `--no-pin` leaves placement to the kernel.
+    pub pin: bool,
+    /// Bytes that may wait in one connection's outbox before it is cut off with close 1013.
+    /// Default 1 MiB: about 10,000 small messages of backlog, while 10,000 slow clients can pin
+    /// at most 10 GiB of frames at worst (shared frames make the real figure far smaller).
+    pub max_queued_bytes: usize,
+    /// Largest WebSocket frame and message (after reassembly) a client may send. Default 64 KiB:
+    /// pub/sub payloads are small; larger ones close with 1009.
+    pub max_message_size: usize,
+    /// Subscriptions one connection may hold. Default 1000: enough for any real client, bounded
+    /// registry memory per connection.
+    pub max_subscriptions: usize,
+    /// How often the server pings each connection. Default 25 s: under the 30–60 s idle cut-offs of
+    /// common load balancers and proxies.
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long is closed. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Time allowed from TCP accept to a complete HTTP request head (and between keep-alive HTTP
+    /// requests). Default 5 s: slow-loris clients cannot hold a slot for long.
+    pub handshake_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long to wait for clients to take their close frames. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// How long a connection we are closing gets to receive our close frame (and answer it) before
+    /// its socket is shut. Default 5 s.
+    pub close_timeout: Duration,
+    /// Connections (WebSocket and HTTP) the instance accepts; beyond it upgrades get HTTP 503.
+    /// Default: derived from the open-file limit (limit minus a reserve of 64).
+    pub max_connections: Option<usize>,
+    /// When set, `POST /publish` requires `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Largest HTTP request body (`POST /publish`). Default: max_message_size + 1 KiB.
+    pub max_http_body: Option<usize>,
+    /// Instance id used in connection ids and the welcome. Default: random per process start.
+    pub instance_id: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpus: None,
+            pin: true,
+            max_queued_bytes: 1 << 20,
+            max_message_size: 64 << 10,
+            max_subscriptions: 1000,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            max_connections: None,
+            api_key: None,
+            max_http_body: None,
+            instance_id: None,
+        }
+    }
+}
+
+impl Config {
+    /// The HTTP body limit in force.
+    pub fn http_body_limit(&self) -> usize {
+        self.max_http_body.unwrap_or(self.max_message_size + 1024)
+    }
+
+    /// Timer sweep period: a quarter of the shortest timeout, between 10 ms and 1 s. Timeouts fire
+    /// within one tick of their nominal time.
+    pub fn tick(&self) -> Duration {
+        let shortest = self
+            .ping_interval
+            .min(self.idle_timeout)
+            .min(self.handshake_timeout)
+            .min(self.close_timeout);
+        (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// Reject combinations that cannot work, with a message saying why.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 1024 {
+            return Err(format!("--shards must be 1..=1024, got {}", self.shards));
+        }
+        if let Some(cpus) = &self.cpus {
+            if cpus.len() < self.shards {
+                return Err(format!(
+                    "--cpus lists {} cores for {} shards",
+                    cpus.len(),
+                    self.shards
+                ));
+            }
+        }
+        if self.max_message_size < 128 {
+            return Err("--max-message-size must be at least 128 bytes".into());
+        }
+        if self.max_queued_bytes < self.max_message_size {
+            return Err("--max-queued-bytes must be at least --max-message-size".into());
+        }
+        for (name, d) in [
+            ("--ping-interval", self.ping_interval),
+            ("--idle-timeout", self.idle_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--close-timeout", self.close_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parse a duration written like `500ms`, `25s`, `2m`, `1h` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 25s, 2m"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+/// Parse a byte size: `1048576`, `64KiB`, `1MiB`, `64k`, `1m` (binary multiples).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 65536, 64KiB, 1MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parse a core list like `0,2-3` into `[0, 2, 3]`.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("invalid core list {s:?}: expected e.g. 0,2-3");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || b - a > 4096 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("empty core list {s:?}"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("25s").unwrap(), Duration::from_secs(25));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("12 apples").is_err());
+        assert!(parse_size("99999999999999999999g").is_err());
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0,2-3").unwrap(), vec![0, 2, 3]);
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("").is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let mut c = Config {
+            shards: 2,
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        c.cpus = Some(vec![0]);
+        assert!(c.validate().unwrap_err().contains("--cpus"));
+        c.cpus = None;
+        c.idle_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn tick_is_bounded() {
+        let mut c = Config::default();
+        assert_eq!(c.tick(), Duration::from_secs(1));
+        c.idle_timeout = Duration::from_millis(20);
+        assert_eq!(c.tick(), Duration::from_millis(10));
+    }
+}

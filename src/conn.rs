@@ -1,0 +1,532 @@
+//! One connection's task: HTTP request heads, the small HTTP API, the WebSocket upgrade, then the
+//! WebSocket read/write loop.
+//!
+//! The task owns the socket, its read buffer and its frame decoder; the shard owns the connection's
+//! slab entry (outbox, phase, timestamps) so fan-out and the sweep can reach it.
+//!
+//! I/O rules (see shared MONOIO-NOTES):
+//! - Reads wait for readiness (`readable`, an io_uring PollAdd) and then `recv` with MSG_DONTWAIT
+//!   into a buffer that is empty — and freed — between messages, so an idle connection pins no
+//!   read buffer. Waiting for readiness can be cancelled safely (no bytes are lost), which is what
+//!   lets one task wait for "input or output" with `select`.
+//! - Writes are never cancelled: a batch is owned by the `writev` in flight until it completes.
+//!   To abort a connection, the sweep `shutdown(2)`s its socket, which fails whatever is pending.
+//! - No shard borrow is held across an `.await`.
+
+use crate::codec::{self, Decoder, Message, OpCode};
+use crate::http::{self, HttpLimits, Method, RequestHead};
+use crate::inbox::ShardMsg;
+use crate::protocol::{self, ErrorCode};
+use crate::shard::{self, Phase, ShardRef};
+use bytes::{Buf, BytesMut};
+use futures_util::future::{select, Either};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+/// Bytes reserved per `recv`.
+const READ_CHUNK: usize = 4096;
+/// Bytes read per readiness event before the task lets others run.
+const READ_BUDGET: usize = 256 << 10;
+/// Largest HTTP request head.
+const MAX_HEAD: usize = 8192;
+
+/// Serve one accepted socket until it closes.
+pub async fn serve(shard: ShardRef, stream: TcpStream, peer: SocketAddr) {
+    let shared = shard.borrow().shared.clone();
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let key = shard.borrow_mut().insert_conn(stream.as_raw_fd());
+    let mut task = ConnTask {
+        shard: shard.clone(),
+        key,
+        fd: stream.as_raw_fd(),
+        stream,
+        rbuf: BytesMut::new(),
+        peer,
+    };
+    task.run().await;
+    // Forget the entry before the socket closes (the sweep only touches fds of live entries).
+    shard.borrow_mut().remove_conn(key);
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(task);
+}
+
+/// What to do after an HTTP request was answered.
+enum Next {
+    KeepAlive,
+    Close,
+    WebSocket,
+}
+
+struct ConnTask {
+    shard: ShardRef,
+    key: usize,
+    fd: RawFd,
+    stream: TcpStream,
+    /// Unprocessed input. Empty (no allocation) while the connection is idle.
+    rbuf: BytesMut,
+    #[allow(dead_code)]
+    peer: SocketAddr,
+}
+
+/// `recv(2)` without blocking into the spare capacity of `buf`. Ok(0) is end of stream.
+fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is allocated, writable memory of `spare.len()` bytes owned by `buf`; recv
+    // writes at most that many bytes into it.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr() as *mut libc::c_void,
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised exactly `n` bytes after the current length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+impl ConnTask {
+    async fn run(&mut self) {
+        loop {
+            let Some(head) = self.read_head().await else {
+                return;
+            };
+            match self.route(head).await {
+                Next::KeepAlive => self.shard.borrow_mut().rearm_http_deadline(self.key),
+                Next::Close => return self.linger().await,
+                Next::WebSocket => return self.ws_loop().await,
+            }
+        }
+    }
+
+    // ----- reading -----
+
+    /// Wait until the socket is readable and read what is there into `rbuf`.
+    /// Ok(0): the peer closed (or the sweep shut the socket).
+    async fn fill(&mut self) -> io::Result<usize> {
+        loop {
+            self.stream.readable(false).await?;
+            self.rbuf.reserve(READ_CHUNK);
+            match recv_into(self.fd, &mut self.rbuf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_head(&mut self) -> Option<RequestHead> {
+        let limits = self.http_limits();
+        loop {
+            if !self.rbuf.is_empty() {
+                match http::parse_head(&self.rbuf, &limits) {
+                    Ok(Some(head)) => return Some(head),
+                    Ok(None) => {}
+                    Err(e) => {
+                        let status = e.status();
+                        let resp = http::json_error(status, "bad_request", &e.to_string(), false);
+                        self.write_http(resp).await;
+                        self.linger().await;
+                        return None;
+                    }
+                }
+            }
+            match self.fill().await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_head_size: MAX_HEAD,
+            max_headers: 32,
+            max_body_size: self.shard.borrow().cfg.http_body_limit(),
+        }
+    }
+
+    async fn write_http(&mut self, bytes: Vec<u8>) -> bool {
+        let (res, _) = self.stream.write_all(bytes).await;
+        match res {
+            Ok(n) => {
+                self.shard.borrow_mut().metrics.bytes_written += n as u64;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Half-close our side and discard input until the peer closes too (or the sweep's close
+    /// deadline shuts the socket). Closing with unread input would send a RST that can destroy
+    /// the close frame or response we just sent.
+    async fn linger(&mut self) {
+        {
+            let mut s = self.shard.borrow_mut();
+            let deadline_set = s.conns[self.key].phase == Phase::FlushThenClose;
+            if !deadline_set {
+                s.close_after_flush(self.key, None);
+            }
+        }
+        // SAFETY: the fd is our live socket; shutdown(2) does not close it.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_WR);
+        }
+        self.rbuf = BytesMut::new();
+        loop {
+            if self.stream.readable(false).await.is_err() {
+                return;
+            }
+            let mut scratch = BytesMut::with_capacity(READ_CHUNK);
+            match recv_into(self.fd, &mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    // ----- HTTP -----
+
+    async fn route(&mut self, head: RequestHead) -> Next {
+        let keep_alive = head.keep_alive;
+        // Read the body (bounded by parse_head's limit) before answering.
+        while self.rbuf.len() < head.head_len + head.content_length {
+            match self.fill().await {
+                Ok(0) | Err(_) => return Next::Close,
+                Ok(_) => {}
+            }
+        }
+        let is_upgrade = head.upgrade.is_some();
+        let resp = match (head.method, head.path.as_str()) {
+            (Method::Get, "/ws") if is_upgrade => return self.upgrade(head).await,
+            (Method::Get, "/healthz") => {
+                http::response(200, "application/json", b"{\"status\":\"ok\"}", keep_alive)
+            }
+            (Method::Get, "/readyz") => {
+                if self.shard.borrow().broker.is_ready() {
+                    http::response(200, "application/json", b"{\"status\":\"ready\"}", keep_alive)
+                } else {
+                    http::json_error(503, "unavailable", "the message bus is down", keep_alive)
+                }
+            }
+            (Method::Get, "/metrics") => {
+                let text = gather_metrics(&self.shard).await;
+                http::response(
+                    200,
+                    "text/plain; version=0.0.4",
+                    text.as_bytes(),
+                    keep_alive,
+                )
+            }
+            (Method::Post, "/publish") => {
+                let body = &self.rbuf[head.head_len..head.head_len + head.content_length];
+                let (status, out) = self.http_publish(&head, body);
+                match out {
+                    Ok(()) => {
+                        http::response(status, "application/json", b"{\"ok\":true}", keep_alive)
+                    }
+                    Err((code, msg)) => http::json_error(status, code, &msg, keep_alive),
+                }
+            }
+            (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/publish") => {
+                http::json_error(405, "method_not_allowed", "method not allowed", keep_alive)
+            }
+            _ => http::json_error(404, "not_found", "no such endpoint", keep_alive),
+        };
+        self.rbuf.advance(head.head_len + head.content_length);
+        self.shard.borrow_mut().metrics.http_requests += 1;
+        if !self.write_http(resp).await {
+            return Next::Close;
+        }
+        if keep_alive && self.shard.borrow().shutdown_at.is_none() {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// `POST /publish` with `{"channel":..,"data":..}`.
+    fn http_publish(
+        &self,
+        head: &RequestHead,
+        body: &[u8],
+    ) -> (u16, Result<(), (&'static str, String)>) {
+        let mut s = self.shard.borrow_mut();
+        if let Some(key) = &s.cfg.api_key {
+            let ok = head
+                .authorization
+                .as_deref()
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()));
+            if !ok {
+                return (
+                    401,
+                    Err(("unauthorized", "missing or wrong bearer token".into())),
+                );
+            }
+        }
+        let (channel, data) = match protocol::parse_publish_body(body) {
+            Ok(v) => v,
+            Err(e) => return (400, Err((e.code.as_str(), e.message))),
+        };
+        match s.publish(&channel, data.get().as_bytes()) {
+            Ok(()) => (200, Ok(())),
+            Err(_) => (
+                503,
+                Err(("unavailable", "the message bus is unavailable".into())),
+            ),
+        }
+    }
+
+    async fn upgrade(&mut self, head: RequestHead) -> Next {
+        let accept = match http::accept_upgrade(&head) {
+            Ok(a) => a,
+            Err((status, msg)) => {
+                let extra: &[(&str, &str)] = if status == 426 {
+                    &[("Sec-WebSocket-Version", "13")]
+                } else {
+                    &[]
+                };
+                let body = format!(
+                    "{{\"ok\":false,\"error\":{{\"code\":\"bad_upgrade\",\"message\":{}}}}}",
+                    serde_json::to_string(msg).unwrap_or_default()
+                );
+                let resp =
+                    http::response_with_headers(status, "application/json", extra, body.as_bytes(), false);
+                self.write_http(resp).await;
+                return Next::Close;
+            }
+        };
+        let (over, shutting_down) = {
+            let s = self.shard.borrow();
+            let open = s.shared.connections.load(Ordering::Relaxed);
+            (open > s.shared.max_connections, s.shutdown_at.is_some())
+        };
+        if over || shutting_down {
+            let resp = {
+                let mut s = self.shard.borrow_mut();
+                s.metrics.connections_refused += 1;
+                let msg = if shutting_down {
+                    "the server is shutting down"
+                } else {
+                    "too many connections"
+                };
+                http::json_error(503, "unavailable", msg, false)
+            };
+            self.write_http(resp).await;
+            return Next::Close;
+        }
+        self.rbuf.advance(head.head_len);
+        let mut out = http::switching_protocols(&accept);
+        {
+            let s = self.shard.borrow();
+            let welcome = protocol::welcome(&s.conn_id(self.key), &s.instance);
+            out.extend_from_slice(&codec::encode_frame(
+                OpCode::Data(codec::Data::Text),
+                welcome.as_bytes(),
+            ));
+        }
+        if !self.write_http(out).await {
+            return Next::Close;
+        }
+        let mut s = self.shard.borrow_mut();
+        if s.conns[self.key].phase != Phase::Http {
+            // Shut by the sweep while the response was being written.
+            return Next::Close;
+        }
+        s.mark_open(self.key);
+        Next::WebSocket
+    }
+
+    // ----- WebSocket -----
+
+    async fn ws_loop(&mut self) {
+        let mut decoder = Decoder::new();
+        // Frames pipelined right behind the upgrade request.
+        if !self.rbuf.is_empty() {
+            self.process(&mut decoder);
+        }
+        loop {
+            // Flush everything queued, one batch per writev.
+            loop {
+                let batch = self.shard.borrow_mut().take_batch(self.key);
+                let Some(batch) = batch else { break };
+                let (res, batch) = shard::write_batch(&mut self.stream, batch).await;
+                match res {
+                    Ok(n) => self.shard.borrow_mut().batch_done(n, batch),
+                    Err(_) => return,
+                }
+            }
+            let phase = self.shard.borrow().conns[self.key].phase;
+            match phase {
+                Phase::Dead => return,
+                Phase::FlushThenClose => return self.linger().await,
+                Phase::Open | Phase::ClosingByUs | Phase::Http => {}
+            }
+            // Wait for input or output, whichever comes first.
+            let readable = {
+                let output = outbox_ready(&self.shard, self.key);
+                match select(pin!(self.stream.readable(false)), pin!(output)).await {
+                    Either::Left((res, _)) => Some(res),
+                    Either::Right(_) => None,
+                }
+            };
+            match readable {
+                Some(Ok(())) => {
+                    if !self.read_ws(&mut decoder) {
+                        return;
+                    }
+                }
+                Some(Err(_)) => return,
+                None => {}
+            }
+        }
+    }
+
+    /// Read what the socket has (up to a budget) and process it. Returns false when the
+    /// connection is finished (end of stream or error).
+    fn read_ws(&mut self, decoder: &mut Decoder) -> bool {
+        let mut total = 0;
+        let mut alive = true;
+        while total < READ_BUDGET {
+            self.rbuf.reserve(READ_CHUNK);
+            match recv_into(self.fd, &mut self.rbuf) {
+                Ok(0) => {
+                    alive = false;
+                    break;
+                }
+                Ok(n) => {
+                    total += n;
+                    self.process(decoder);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    alive = false;
+                    break;
+                }
+            }
+        }
+        if self.rbuf.is_empty() {
+            // Idle connections hold no read buffer.
+            self.rbuf = BytesMut::new();
+        }
+        alive
+    }
+
+    /// Decode and handle every complete frame in `rbuf`.
+    fn process(&mut self, decoder: &mut Decoder) {
+        let mut s = self.shard.borrow_mut();
+        let key = self.key;
+        let limits = s.limits;
+        let tick = s.tick;
+        s.conns[key].last_rx = tick;
+        loop {
+            let phase = s.conns[key].phase;
+            if !matches!(phase, Phase::Open | Phase::ClosingByUs) {
+                // Nothing more is read once we are closing the socket.
+                self.rbuf.clear();
+                return;
+            }
+            let msg = match decoder.decode(&mut self.rbuf, &limits) {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return,
+                Err(e) => {
+                    s.metrics.protocol_closes += 1;
+                    if e.close_code() == 1009 && phase == Phase::Open {
+                        let msg = format!(
+                            "a frame or message is larger than the limit of {} bytes",
+                            limits.max_message_size
+                        );
+                        s.send_error(key, None, ErrorCode::MessageTooLarge, &msg);
+                    }
+                    s.close_after_flush(key, Some(codec::encode_close(e.close_code(), e.reason())));
+                    self.rbuf.clear();
+                    return;
+                }
+            };
+            if phase == Phase::ClosingByUs {
+                // Waiting for the peer's close: everything else is discarded.
+                if let Message::Close(_) = msg {
+                    s.close_after_flush(key, None);
+                }
+                continue;
+            }
+            match msg {
+                Message::Text(text) => s.handle_text(key, &text),
+                Message::Binary(_) => {
+                    s.metrics.protocol_closes += 1;
+                    let close = codec::encode_close(1003, "binary frames are not supported");
+                    s.close_after_flush(key, Some(close));
+                }
+                Message::Ping(payload) => {
+                    let pong = codec::encode_frame(OpCode::Control(codec::Control::Pong), &payload);
+                    s.send_frame(key, pong);
+                }
+                Message::Pong(_) => {}
+                Message::Close(code) => {
+                    let reply = match code {
+                        Some((code, _)) => codec::encode_close(code, ""),
+                        None => codec::encode_frame(OpCode::Control(codec::Control::Close), b""),
+                    };
+                    s.close_after_flush(key, Some(reply));
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the connection has output queued or must re-check its phase.
+async fn outbox_ready(shard: &ShardRef, key: usize) {
+    poll_fn(|cx| {
+        let mut s = shard.borrow_mut();
+        let c = &mut s.conns[key];
+        if !c.outbox.is_empty() || c.kick {
+            c.kick = false;
+            Poll::Ready(())
+        } else {
+            c.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Ask every shard for its counters and render them.
+async fn gather_metrics(shard: &ShardRef) -> String {
+    let peers = shard.borrow().peers.clone();
+    let mut pending = Vec::with_capacity(peers.len());
+    for inbox in peers.iter() {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        inbox.push(ShardMsg::Metrics(tx));
+        pending.push(rx);
+    }
+    let mut all = Vec::with_capacity(pending.len());
+    for rx in pending {
+        all.push(rx.await.unwrap_or_default());
+    }
+    crate::metrics::render_prometheus(&all)
+}
+
+/// Compare secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,134 @@
+//! The one cross-thread path into a shard: a multi-producer queue plus a waker.
+//!
+//! Shards share nothing else. Anything another thread wants from a shard (a message to deliver,
+//! a subscription-interest change, a metrics request, shutdown) is pushed here as a [`ShardMsg`].
+//!
+//! Invariants:
+//! - Messages pushed by one thread are received in the order they were pushed (FIFO queue), which
+//!   is what keeps per-publisher order across shards.
+//! - Waking costs one atomic swap per push and at most one wake-up per drain: producers only wake
+//!   the shard when the `notified` flag flips from false to true, so a burst of pushes costs one
+//!   wake. The shard never busy-polls: its inbox task sleeps until woken.
+
+use crate::metrics::ShardMetrics;
+use bytes::Bytes;
+use crossbeam_queue::SegQueue;
+use futures_util::task::AtomicWaker;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+/// What can be sent to a shard.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Deliver `data` (JSON text) on `channel` to this shard's local subscribers.
+    Deliver { channel: Arc<str>, data: Bytes },
+    /// Shard `from` gained its first (`on`) or lost its last (`!on`) subscriber of `channel`.
+    /// Used by the in-process broker to publish only to shards that want a channel.
+    Interest {
+        from: usize,
+        channel: Arc<str>,
+        on: bool,
+    },
+    /// Send a copy of this shard's counters.
+    Metrics(futures_channel::oneshot::Sender<ShardMetrics>),
+    /// Begin graceful shutdown: stop accepting, close clients with 1001, exit when drained.
+    Shutdown,
+}
+
+/// A shard's inbound queue. Shared (`Arc`) between the owning shard and every producer.
+#[derive(Default)]
+pub struct Inbox {
+    queue: SegQueue<ShardMsg>,
+    waker: AtomicWaker,
+    notified: AtomicBool,
+}
+
+impl Inbox {
+    pub fn new() -> Arc<Inbox> {
+        Arc::new(Inbox::default())
+    }
+
+    /// Push a message and wake the shard if it is not already scheduled to drain.
+    pub fn push(&self, msg: ShardMsg) {
+        self.queue.push(msg);
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    /// Take one message without waiting (the owning shard only).
+    pub fn try_pop(&self) -> Option<ShardMsg> {
+        self.queue.pop()
+    }
+
+    /// Whether anything is waiting (a cheap check before a publish is routed).
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Wait until there is something to drain (the owning shard's inbox task only).
+    pub async fn ready(&self) {
+        poll_fn(|cx| {
+            // Clear the flag first: a push after this point wakes us again.
+            self.notified.store(false, Ordering::Release);
+            if !self.queue.is_empty() {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if !self.queue.is_empty() {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("len", &self.queue.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_per_producer_and_cross_thread_wake() {
+        let inbox = Inbox::new();
+        let producer = {
+            let inbox = inbox.clone();
+            std::thread::spawn(move || {
+                for i in 0..10_000u32 {
+                    inbox.push(ShardMsg::Deliver {
+                        channel: Arc::from("c"),
+                        data: Bytes::from(i.to_string()),
+                    });
+                }
+            })
+        };
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            let mut next = 0u32;
+            while next < 10_000 {
+                inbox.ready().await;
+                while let Some(ShardMsg::Deliver { data, .. }) = inbox.try_pop() {
+                    assert_eq!(data, Bytes::from(next.to_string()));
+                    next += 1;
+                }
+            }
+            next
+        });
+        producer.join().unwrap();
+        assert_eq!(got, 10_000);
+        assert!(inbox.is_empty());
+    }
+}

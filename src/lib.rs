@@ -1,0 +1,29 @@
+//! ringhub: a thread-per-core WebSocket pub/sub hub.
+//!
+//! # Layout
+//! Sans-IO layers (no sockets; unit-tested, fuzzed and benched on their own):
+//! - [`codec`]: WebSocket frame decoder/encoder (RFC 6455 rules, UTF-8 across fragments).
+//! - [`http`]: HTTP/1.1 request-head parsing, upgrade validation and small responses.
+//! - [`protocol`]: client protocol v1 (JSON commands in, JSON replies and message frames out).
+//! - [`topics`]: the per-shard topic registry (channel → local subscribers); reports
+//!   first-subscriber / last-subscriber transitions.
+//! - [`config`]: every limit with its default; [`metrics`]: per-shard counters.
+//!
+//! I/O layers:
+//! - [`server`]: starts one thread per shard, signals, shutdown.
+//! - [`shard`]: what one core owns and its loops (accept, inbox, timer sweep); the hot path.
+//! - [`conn`]: one connection's task (HTTP API, upgrade, WebSocket read/write loop).
+//! - [`inbox`]: the only cross-thread path into a shard.
+//! - [`broker`]: the seam between shards (and, later, instances): in-process implementation.
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod inbox;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod topics;

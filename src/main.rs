@@ -1,0 +1,118 @@
+//! The `ringhub` binary: flag and environment parsing, logging set-up, then `server::run`.
+//!
+//! Every flag also reads an environment variable (`RINGHUB_<FLAG>`); durations are written like
+//! `500ms`, `25s`, `2m` and sizes like `64KiB`, `1MiB`.
+
+use clap::{Args, Parser, Subcommand};
+use ringhub::config::{parse_cpu_list, parse_duration, parse_size, Config};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "ringhub", version, about = "A thread-per-core WebSocket pub/sub hub")]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter expression).
+    #[arg(long, global = true, env = "RINGHUB_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the hub (embedded single-instance mode: no Redis needed).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on (every shard binds it with SO_REUSEPORT).
+    #[arg(long, env = "RINGHUB_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Number of shards (threads with their own runtime and listener) [default: one per core].
+    #[arg(long, env = "RINGHUB_SHARDS")]
+    shards: Option<usize>,
+    /// Cores to pin the shards to, in shard order, e.g. `0,2-3` [default: 0, 1, 2, ...].
+    #[arg(long, env = "RINGHUB_CPUS", value_parser = parse_cpu_list)]
+    cpus: Option<Vec<usize>>,
+    /// Do not pin shard threads to cores; leave placement to the kernel.
+    #[arg(long, env = "RINGHUB_NO_PIN")]
+    no_pin: bool,
+    /// Outbox bytes per connection before a slow client is closed with 1013.
+    #[arg(long, env = "RINGHUB_MAX_QUEUED_BYTES", default_value = "1MiB", value_parser = parse_size)]
+    max_queued_bytes: usize,
+    /// Largest frame or message a client may send (larger ones close with 1009).
+    #[arg(long, env = "RINGHUB_MAX_MESSAGE_SIZE", default_value = "64KiB", value_parser = parse_size)]
+    max_message_size: usize,
+    /// Subscriptions one connection may hold.
+    #[arg(long, env = "RINGHUB_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    max_subscriptions: usize,
+    /// How often the server pings each connection.
+    #[arg(long, env = "RINGHUB_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    ping_interval: Duration,
+    /// Close connections that send nothing (not even a pong) for this long.
+    #[arg(long, env = "RINGHUB_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Drop connections whose HTTP request (upgrade) is not complete within this time.
+    #[arg(long, env = "RINGHUB_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// On SIGTERM/SIGINT, wait at most this long for clients to take their close frames.
+    #[arg(long, env = "RINGHUB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+    /// How long a connection being closed gets to answer our close frame.
+    #[arg(long, env = "RINGHUB_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    close_timeout: Duration,
+    /// Connections accepted before upgrades get HTTP 503 [default: open-file limit - 64].
+    #[arg(long, env = "RINGHUB_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Require `Authorization: Bearer <key>` on POST /publish.
+    #[arg(long, env = "RINGHUB_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Instance id used in connection ids [default: random at each start].
+    #[arg(long, env = "RINGHUB_INSTANCE_ID")]
+    instance_id: Option<String>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Config {
+        let d = Config::default();
+        Config {
+            listen: self.listen,
+            shards: self.shards.unwrap_or(d.shards),
+            cpus: self.cpus,
+            pin: !self.no_pin,
+            max_queued_bytes: self.max_queued_bytes,
+            max_message_size: self.max_message_size,
+            max_subscriptions: self.max_subscriptions,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            handshake_timeout: self.handshake_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            close_timeout: self.close_timeout,
+            max_connections: self.max_connections,
+            api_key: self.api_key,
+            max_http_body: None,
+            instance_id: self.instance_id,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => match ringhub::server::run(args.into_config()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringhub: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,768 @@
+//! One hub shard: everything one core owns, and the per-core loops that drive it.
+//!
+//! A shard is a thread pinned to a core running its own monoio runtime. It owns a SO_REUSEPORT
+//! listener, a slab of connections, a topic registry, a broker handle and plain counters. Nothing
+//! here is shared with other threads except the shard's [`Inbox`] (and one connection counter
+//! touched at connect/disconnect only).
+//!
+//! Tasks on a shard (all `!Send`, sharing the [`Shard`] through `Rc<RefCell<_>>`; no borrow is ever
+//! held across an `.await`):
+//! - the accept loop ([`accept_loop`]) spawns one task per connection (`conn.rs`);
+//! - the inbox loop ([`inbox_loop`]) drains cross-shard messages;
+//! - the sweep ([`sweep_loop`]) is the per-shard timer: handshake, idle, ping and close deadlines
+//!   for every connection in one pass per tick — no timer per connection.
+//!
+//! # Hot path (read it here)
+//! client publish → `conn.rs` decodes the frame → [`Shard::handle_text`] →
+//! [`Shard::publish`] → broker routes to other shards → [`Shard::deliver_local`] builds the frame
+//! ONCE and pushes a refcounted clone into each subscriber's outbox, waking its task →
+//! each subscriber's task takes its whole outbox as one batch ([`Shard::take_batch`]) and writes it
+//! with one `writev`. A subscriber whose outbox passes `max_queued_bytes` is cut off with 1013.
+
+use crate::broker::{Broker, BrokerError, Route};
+use crate::codec::{self, OpCode};
+use crate::config::Config;
+use crate::inbox::{Inbox, ShardMsg};
+use crate::metrics::ShardMetrics;
+use crate::protocol::{self, Command, ErrorCode};
+use crate::topics::TopicRegistry;
+use bytes::{Bytes, BytesMut};
+use slab::Slab;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Duration;
+
+/// The shard as its tasks see it.
+pub type ShardRef = Rc<RefCell<Shard>>;
+
+/// Frames taken from an outbox per write: bounded so one `writev` stays under IOV_MAX and one
+/// connection cannot monopolise a turn of the loop.
+const BATCH_MAX_FRAMES: usize = 512;
+/// Bytes taken from an outbox per write.
+const BATCH_MAX_BYTES: usize = 512 << 10;
+/// Bookkeeping charged per queued frame on top of its length (the `Bytes` handle and deque slot),
+/// so a flood of tiny frames is bounded too.
+pub const FRAME_OVERHEAD: usize = 32;
+/// Inbox messages handled per wake-up before other tasks get a turn.
+const INBOX_BUDGET: usize = 4096;
+
+/// Process-wide state shared by all shards: touched once per connect/disconnect, never per message.
+#[derive(Debug)]
+pub struct Shared {
+    /// Open sockets (HTTP and WebSocket) across all shards.
+    pub connections: AtomicUsize,
+    /// Upgrades beyond this get HTTP 503.
+    pub max_connections: usize,
+}
+
+/// Where a connection is in its life. The connection task and the sweep both act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted; waiting for a complete HTTP request head (or the next keep-alive request).
+    /// The handshake deadline applies.
+    Http,
+    /// WebSocket open: messages flow both ways.
+    Open,
+    /// We queued a close frame and wait for the peer's; incoming data frames are discarded.
+    /// The close deadline applies.
+    ClosingByUs,
+    /// Flush the outbox, then shut the socket (peer closed, or we failed the connection).
+    /// The close deadline applies.
+    FlushThenClose,
+    /// The socket was shut by the sweep; the task exits as soon as it runs.
+    Dead,
+}
+
+/// One connection's entry in the shard's slab: only what fan-out and the sweep need. The read
+/// buffer and decoder live in the connection task itself.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket, for `shutdown(2)` by the sweep (the task owns the stream and removes this entry
+    /// before closing it, so the fd is always valid while the entry exists).
+    pub fd: RawFd,
+    /// Per-shard sequence number; the connection id is `<instance>-<shard>-<seq>`.
+    pub seq: u64,
+    pub phase: Phase,
+    /// Frames waiting to be written (shared `Bytes`, so a fan-out frame exists once per shard).
+    pub outbox: VecDeque<Bytes>,
+    /// Bytes charged for `outbox` (frame lengths plus [`FRAME_OVERHEAD`] each).
+    pub queued: usize,
+    /// The connection task's waker while it waits for output.
+    pub waker: Option<Waker>,
+    /// Set when the task must re-check its phase even with an empty outbox.
+    pub kick: bool,
+    /// Sweep tick of the last bytes received.
+    pub last_rx: u32,
+    /// Sweep tick of the last ping sent.
+    pub last_ping: u32,
+    /// Tick at which the current phase's deadline expires (Http, ClosingByUs, FlushThenClose).
+    pub deadline: u32,
+}
+
+/// Deadlines in sweep ticks.
+#[derive(Debug, Clone, Copy)]
+struct Ticks {
+    period: Duration,
+    idle: u32,
+    ping: u32,
+    handshake: u32,
+    close: u32,
+    shutdown: u32,
+}
+
+impl Ticks {
+    fn new(cfg: &Config) -> Ticks {
+        let period = cfg.tick();
+        let n = |d: Duration| -> u32 {
+            let t = d.as_nanos().div_ceil(period.as_nanos());
+            t.clamp(1, u32::MAX as u128 / 2) as u32
+        };
+        Ticks {
+            period,
+            idle: n(cfg.idle_timeout),
+            ping: n(cfg.ping_interval),
+            handshake: n(cfg.handshake_timeout),
+            close: n(cfg.close_timeout),
+            shutdown: n(cfg.shutdown_timeout),
+        }
+    }
+}
+
+/// A batch of frames owned together with their iovecs: passed by value to `writev` and never
+/// dropped while the write is in flight (see MONOIO-NOTES, cancellation).
+#[derive(Default)]
+pub struct WriteBatch {
+    frames: Vec<Bytes>,
+    /// Index of the first frame not fully written.
+    pos: usize,
+    iovecs: Vec<libc::iovec>,
+}
+
+impl WriteBatch {
+    fn is_done(&self) -> bool {
+        self.pos >= self.frames.len()
+    }
+
+    /// Total bytes still to write.
+    pub fn remaining(&self) -> usize {
+        self.frames[self.pos..].iter().map(|f| f.len()).sum()
+    }
+
+    /// Rebuild the iovec array for the frames not yet written.
+    fn prepare(&mut self) {
+        self.iovecs.clear();
+        for f in &self.frames[self.pos..] {
+            self.iovecs.push(libc::iovec {
+                iov_base: f.as_ptr() as *mut libc::c_void,
+                iov_len: f.len(),
+            });
+        }
+    }
+
+    /// Account for `n` bytes written.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.pos < self.frames.len() {
+            let f = &mut self.frames[self.pos];
+            if f.len() <= n {
+                n -= f.len();
+                self.pos += 1;
+            } else {
+                bytes::Buf::advance(f, n);
+                n = 0;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.iovecs.clear();
+        self.pos = 0;
+    }
+}
+
+// SAFETY: the iovecs point into `frames`, whose `Bytes` keep their heap data alive and unmoved
+// for as long as the batch exists; `iovecs` is not modified while the runtime owns the batch
+// (only `prepare`/`advance`, called between writes, touch it), so the pointer and length stay
+// valid for the duration of the operation.
+unsafe impl monoio::buf::IoVecBuf for WriteBatch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iovecs.as_ptr()
+    }
+    fn read_iovec_len(&self) -> usize {
+        self.iovecs.len()
+    }
+}
+
+/// Write a whole batch with `writev`, continuing after partial writes. Returns bytes written.
+/// The batch is owned by the in-flight operation and handed back; it is never dropped mid-write.
+pub async fn write_batch(
+    stream: &mut monoio::net::TcpStream,
+    mut batch: WriteBatch,
+) -> (std::io::Result<usize>, WriteBatch) {
+    use monoio::io::AsyncWriteRent;
+    let mut total = 0;
+    while !batch.is_done() {
+        batch.prepare();
+        let (res, b) = stream.writev(batch).await;
+        batch = b;
+        match res {
+            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), batch),
+            Ok(n) => {
+                total += n;
+                batch.advance(n);
+            }
+            Err(e) => return (Err(e), batch),
+        }
+    }
+    (Ok(total), batch)
+}
+
+/// Everything one core owns.
+pub struct Shard {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub instance: Arc<str>,
+    pub shared: Arc<Shared>,
+    pub conns: Slab<Conn>,
+    pub topics: TopicRegistry,
+    pub broker: Box<dyn Broker>,
+    pub metrics: ShardMetrics,
+    pub inbox: Arc<Inbox>,
+    pub peers: Arc<[Arc<Inbox>]>,
+    pub limits: codec::Limits,
+    /// Sweep ticks since the shard started.
+    pub tick: u32,
+    ticks: Ticks,
+    next_seq: u64,
+    /// Set once shutdown began; the tick it began at.
+    pub shutdown_at: Option<u32>,
+    /// Wakes the accept loop so it stops accepting.
+    pub accept_waker: Option<Waker>,
+    /// Connections that overflowed during the current fan-out (closed right after it).
+    slow: Vec<usize>,
+    /// Recycled write batches (keeps their Vec capacity).
+    spare_batches: Vec<WriteBatch>,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        instance: Arc<str>,
+        shared: Arc<Shared>,
+        inbox: Arc<Inbox>,
+        peers: Arc<[Arc<Inbox>]>,
+        broker: Box<dyn Broker>,
+    ) -> Shard {
+        let limits = codec::Limits {
+            max_frame_size: cfg.max_message_size,
+            max_message_size: cfg.max_message_size,
+        };
+        Shard {
+            id,
+            ticks: Ticks::new(&cfg),
+            cfg,
+            instance,
+            shared,
+            conns: Slab::new(),
+            topics: TopicRegistry::new(),
+            broker,
+            metrics: ShardMetrics::default(),
+            inbox,
+            peers,
+            limits,
+            tick: 0,
+            next_seq: 0,
+            shutdown_at: None,
+            accept_waker: None,
+            slow: Vec::new(),
+            spare_batches: Vec::new(),
+        }
+    }
+
+    // ----- connection table (cold path) -----
+
+    /// Add a freshly accepted socket in the `Http` phase.
+    pub fn insert_conn(&mut self, fd: RawFd) -> usize {
+        self.next_seq += 1;
+        let tick = self.tick;
+        self.conns.insert(Conn {
+            fd,
+            seq: self.next_seq,
+            phase: Phase::Http,
+            outbox: VecDeque::new(),
+            queued: 0,
+            waker: None,
+            kick: false,
+            last_rx: tick,
+            last_ping: tick,
+            deadline: tick.wrapping_add(self.ticks.handshake),
+        })
+    }
+
+    /// The connection id as clients see it: unique across shards, instances and restarts.
+    pub fn conn_id(&self, key: usize) -> String {
+        format!("{}-{}-{}", self.instance, self.id, self.conns[key].seq)
+    }
+
+    /// Restart the handshake deadline (next keep-alive HTTP request).
+    pub fn rearm_http_deadline(&mut self, key: usize) {
+        let t = self.tick.wrapping_add(self.ticks.handshake);
+        self.conns[key].deadline = t;
+    }
+
+    /// The HTTP upgrade succeeded: the connection is a WebSocket from now on.
+    pub fn mark_open(&mut self, key: usize) {
+        let tick = self.tick;
+        let c = &mut self.conns[key];
+        c.phase = Phase::Open;
+        c.last_rx = tick;
+        c.last_ping = tick;
+        self.metrics.connections_current += 1;
+        self.metrics.connections_total += 1;
+    }
+
+    /// Forget a connection (its task is about to drop the socket): subscriptions are released and
+    /// the broker hears about channels that lost their last local subscriber.
+    pub fn remove_conn(&mut self, key: usize) {
+        let c = self.conns.remove(key);
+        if c.phase != Phase::Http {
+            self.metrics.connections_current -= 1;
+        }
+        let broker = &mut self.broker;
+        self.topics
+            .remove_conn(key, |channel| broker.last_unsubscribed(channel));
+    }
+
+    // ----- outbox -----
+
+    /// Queue a frame for one connection. Returns false when the connection's budget is exceeded
+    /// (the caller closes it as a slow consumer).
+    fn enqueue(c: &mut Conn, frame: Bytes, limit: usize) -> bool {
+        let cost = frame.len() + FRAME_OVERHEAD;
+        if c.queued + cost > limit {
+            return false;
+        }
+        c.queued += cost;
+        c.outbox.push_back(frame);
+        if let Some(w) = c.waker.take() {
+            w.wake();
+        }
+        true
+    }
+
+    /// Queue a control or reply frame to `key`; cuts the connection off if it overflows.
+    pub fn send_frame(&mut self, key: usize, frame: Bytes) {
+        let limit = self.cfg.max_queued_bytes;
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if matches!(c.phase, Phase::Dead) {
+            return;
+        }
+        if !Self::enqueue(c, frame, limit) {
+            self.close_slow(key);
+        }
+    }
+
+    /// Queue a JSON text reply.
+    pub fn send_text(&mut self, key: usize, json: &str) {
+        self.send_frame(key, codec::encode_frame(OpCode::Data(codec::Data::Text), json.as_bytes()));
+    }
+
+    /// Queue an error reply and count it.
+    pub fn send_error(
+        &mut self,
+        key: usize,
+        id: Option<&serde_json::value::RawValue>,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        self.metrics.count_error(code);
+        self.send_text(key, &protocol::error(id, code, message));
+    }
+
+    /// Take up to one batch of queued frames for writing (the connection task calls this).
+    pub fn take_batch(&mut self, key: usize) -> Option<WriteBatch> {
+        let c = self.conns.get_mut(key)?;
+        if c.outbox.is_empty() {
+            return None;
+        }
+        let mut batch = self.spare_batches.pop().unwrap_or_default();
+        let mut bytes = 0;
+        while let Some(f) = c.outbox.front() {
+            if !batch.frames.is_empty()
+                && (batch.frames.len() >= BATCH_MAX_FRAMES || bytes + f.len() > BATCH_MAX_BYTES)
+            {
+                break;
+            }
+            bytes += f.len();
+            c.queued -= f.len() + FRAME_OVERHEAD;
+            batch.frames.push(c.outbox.pop_front().expect("front exists"));
+        }
+        if c.outbox.is_empty() && c.outbox.capacity() > 64 {
+            // Give back the memory of a burst once it has drained.
+            c.outbox = VecDeque::new();
+        }
+        Some(batch)
+    }
+
+    /// A batch finished writing `n` bytes: count it and recycle the batch.
+    pub fn batch_done(&mut self, n: usize, mut batch: WriteBatch) {
+        self.metrics.bytes_written += n as u64;
+        batch.clear();
+        if self.spare_batches.len() < 64 {
+            self.spare_batches.push(batch);
+        }
+    }
+
+    // ----- closing -----
+
+    /// Start the close handshake from our side: queue a close frame (after what is queued, unless
+    /// `drop_queued`), then wait for the peer's close until the close deadline.
+    pub fn close(&mut self, key: usize, code: u16, reason: &str, drop_queued: bool) {
+        let deadline = self.tick.wrapping_add(self.ticks.close);
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.phase != Phase::Open {
+            return;
+        }
+        if drop_queued {
+            c.outbox.clear();
+            c.queued = 0;
+        }
+        // The close frame always fits: it bypasses the budget.
+        let frame = codec::encode_close(code, reason);
+        c.queued += frame.len() + FRAME_OVERHEAD;
+        c.outbox.push_back(frame);
+        c.phase = Phase::ClosingByUs;
+        c.deadline = deadline;
+        c.kick = true;
+        if let Some(w) = c.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Fail the connection (protocol error) or answer the peer's close: queue the close frame,
+    /// flush, then shut the socket.
+    pub fn close_after_flush(&mut self, key: usize, close_frame: Option<Bytes>) {
+        let deadline = self.tick.wrapping_add(self.ticks.close);
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(frame) = close_frame {
+            c.queued += frame.len() + FRAME_OVERHEAD;
+            c.outbox.push_back(frame);
+        }
+        c.phase = Phase::FlushThenClose;
+        c.deadline = deadline;
+        c.kick = true;
+    }
+
+    /// Cut off a slow consumer: drop its backlog and close with 1013.
+    fn close_slow(&mut self, key: usize) {
+        if self.conns.get(key).map(|c| c.phase) == Some(Phase::Open) {
+            self.metrics.slow_consumer_closes += 1;
+            self.close(key, 1013, "slow consumer: outbox limit exceeded", true);
+        }
+    }
+
+    /// Shut the socket now (deadline passed): any read or write in flight fails and the task exits.
+    fn kill(c: &mut Conn) {
+        // SAFETY: `fd` belongs to a live socket: the connection task removes this entry before it
+        // drops the stream, and both run on this thread. shutdown(2) does not close the fd.
+        unsafe {
+            libc::shutdown(c.fd, libc::SHUT_RDWR);
+        }
+        c.phase = Phase::Dead;
+        c.kick = true;
+        if let Some(w) = c.waker.take() {
+            w.wake();
+        }
+    }
+
+    // ----- client commands (hot path) -----
+
+    /// Handle one complete text message from connection `key`.
+    pub fn handle_text(&mut self, key: usize, text: &[u8]) {
+        self.metrics.messages_received += 1;
+        let cmd = match protocol::parse_command(text) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                let id = e.id;
+                self.send_error(key, id, e.code, &e.message);
+                return;
+            }
+        };
+        match cmd {
+            Command::Publish { channel, data, id } => {
+                match self.publish(&channel, data.get().as_bytes()) {
+                    Ok(()) => {
+                        if id.is_some() {
+                            self.send_text(key, &protocol::ack("published", &channel, id));
+                        }
+                    }
+                    Err(BrokerError::Unavailable) => {
+                        if id.is_some() {
+                            self.send_error(
+                                key,
+                                id,
+                                ErrorCode::Unavailable,
+                                "the message bus is unavailable; the message was not published",
+                            );
+                        }
+                    }
+                }
+            }
+            Command::Subscribe { channel, id } => {
+                if !self.topics.is_subscribed(key, &channel)
+                    && self.topics.subscriptions_of(key) >= self.cfg.max_subscriptions
+                {
+                    let msg = format!(
+                        "a connection may hold at most {} subscriptions",
+                        self.cfg.max_subscriptions
+                    );
+                    self.send_error(key, id, ErrorCode::TooManySubscriptions, &msg);
+                    return;
+                }
+                if let crate::topics::Subscribed::Added { first: true } =
+                    self.topics.subscribe(key, &channel)
+                {
+                    self.broker.first_subscriber(&channel);
+                }
+                self.send_text(key, &protocol::ack("subscribed", &channel, id));
+            }
+            Command::Unsubscribe { channel, id } => {
+                if let crate::topics::Unsubscribed::Removed { last: true } =
+                    self.topics.unsubscribe(key, &channel)
+                {
+                    self.broker.last_unsubscribed(&channel);
+                }
+                self.send_text(key, &protocol::ack("unsubscribed", &channel, id));
+            }
+            Command::Ping { id } => self.send_text(key, &protocol::pong(id)),
+        }
+    }
+
+    /// Accept a publish from this shard (a client or `POST /publish`).
+    pub fn publish(&mut self, channel: &str, data: &[u8]) -> Result<(), BrokerError> {
+        // Apply pending interest changes first, so a subscribe acknowledged on another shard
+        // before this publish arrived is routed (see `MemoryBroker`).
+        if !self.inbox.is_empty() {
+            self.drain_inbox(usize::MAX);
+        }
+        let route = self.broker.publish(channel, data)?;
+        self.metrics.messages_published += 1;
+        if route == Route::Local {
+            self.deliver_local(channel, data);
+        }
+        Ok(())
+    }
+
+    /// Fan a message out to this shard's subscribers: the frame is built once and each subscriber
+    /// gets a refcounted clone. Cost: linear in the channel's local subscribers, no allocation per
+    /// subscriber (beyond outbox growth).
+    pub fn deliver_local(&mut self, channel: &str, data: &[u8]) {
+        let n = self.topics.subscriber_count(channel);
+        if n == 0 {
+            return;
+        }
+        let json_len = protocol::message_json_len(channel, data);
+        let mut buf = BytesMut::with_capacity(codec::frame_header_len(json_len) + json_len);
+        codec::write_frame_header(&mut buf, OpCode::Data(codec::Data::Text), json_len);
+        protocol::write_message_json(&mut buf, channel, data);
+        debug_assert_eq!(buf.len(), codec::frame_header_len(json_len) + json_len);
+        let frame = buf.freeze();
+
+        let limit = self.cfg.max_queued_bytes;
+        let mut delivered = 0u64;
+        for key in self.topics.subscribers(channel) {
+            let c = &mut self.conns[key];
+            if c.phase != Phase::Open {
+                continue;
+            }
+            if Self::enqueue(c, frame.clone(), limit) {
+                delivered += 1;
+            } else {
+                self.slow.push(key);
+            }
+        }
+        self.metrics.messages_delivered += delivered;
+        while let Some(key) = self.slow.pop() {
+            self.close_slow(key);
+        }
+    }
+
+    // ----- inbox, sweep, shutdown (cold path) -----
+
+    /// Handle up to `budget` messages from the inbox. Returns how many were handled.
+    pub fn drain_inbox(&mut self, budget: usize) -> usize {
+        let mut n = 0;
+        while n < budget {
+            let Some(msg) = self.inbox.try_pop() else {
+                break;
+            };
+            n += 1;
+            match msg {
+                ShardMsg::Deliver { channel, data } => self.deliver_local(&channel, &data),
+                ShardMsg::Interest { from, channel, on } => {
+                    self.broker.peer_interest(from, channel, on)
+                }
+                ShardMsg::Metrics(tx) => {
+                    let _ = tx.send(self.metrics.clone());
+                }
+                ShardMsg::Shutdown => self.begin_shutdown(),
+            }
+        }
+        n
+    }
+
+    /// Stop accepting, close every WebSocket with 1001 after what is queued, drop HTTP clients.
+    pub fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        self.shutdown_at = Some(self.tick);
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            match self.conns[key].phase {
+                Phase::Open => self.close(key, 1001, "going away", false),
+                Phase::Http => Self::kill(&mut self.conns[key]),
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the shard may exit: shutdown began and every connection is gone (or the shutdown
+    /// timeout passed, in which case the remaining sockets are shut).
+    fn shutdown_finished(&mut self) -> bool {
+        let Some(at) = self.shutdown_at else {
+            return false;
+        };
+        if self.conns.is_empty() {
+            return true;
+        }
+        if self.tick.wrapping_sub(at) >= self.ticks.shutdown {
+            for (_, c) in self.conns.iter_mut() {
+                if c.phase != Phase::Dead {
+                    Self::kill(c);
+                }
+            }
+            return true;
+        }
+        false
+    }
+
+    /// One timer pass over every connection. Cost: linear in connections, once per tick.
+    fn sweep(&mut self) {
+        self.tick = self.tick.wrapping_add(1);
+        let now = self.tick;
+        let t = self.ticks;
+        let ping = codec::encode_frame(OpCode::Control(codec::Control::Ping), b"");
+        let limit = self.cfg.max_queued_bytes;
+        let mut to_close: Vec<(usize, u16, &'static str)> = Vec::new();
+        for (key, c) in self.conns.iter_mut() {
+            let expired = now.wrapping_sub(c.deadline) as i32 >= 0;
+            match c.phase {
+                Phase::Http if expired => {
+                    self.metrics.handshake_timeouts += 1;
+                    Self::kill(c);
+                }
+                Phase::Open => {
+                    if now.wrapping_sub(c.last_rx) >= t.idle {
+                        self.metrics.idle_closes += 1;
+                        to_close.push((key, 1001, "idle timeout"));
+                    } else if now.wrapping_sub(c.last_ping) >= t.ping {
+                        c.last_ping = now;
+                        if !Self::enqueue(c, ping.clone(), limit) {
+                            self.slow.push(key);
+                        }
+                    }
+                }
+                Phase::ClosingByUs | Phase::FlushThenClose if expired => Self::kill(c),
+                _ => {}
+            }
+        }
+        for (key, code, reason) in to_close {
+            self.close(key, code, reason, false);
+        }
+        while let Some(key) = self.slow.pop() {
+            self.close_slow(key);
+        }
+    }
+}
+
+/// Accept connections until shutdown; one task per connection.
+pub async fn accept_loop(shard: ShardRef, listener: monoio::net::TcpListener) {
+    use futures_util::future::{select, Either};
+    let mut emfile_logged = false;
+    loop {
+        let stop = std::future::poll_fn(|cx| {
+            let mut s = shard.borrow_mut();
+            if s.shutdown_at.is_some() {
+                std::task::Poll::Ready(())
+            } else {
+                s.accept_waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        });
+        let accepted = match select(std::pin::pin!(listener.accept()), std::pin::pin!(stop)).await
+        {
+            Either::Left((res, _)) => res,
+            Either::Right(_) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                emfile_logged = false;
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(crate::conn::serve(shard.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors (or similar): back off instead of spinning; existing
+                // clients keep being served.
+                if !emfile_logged {
+                    tracing::warn!(shard = shard.borrow().id, error = %e, "accept failed; backing off");
+                    emfile_logged = true;
+                }
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // Dropping the listener here stops the kernel from routing new connections to this shard.
+}
+
+/// Drain the inbox whenever another thread pushes to it.
+pub async fn inbox_loop(shard: ShardRef) {
+    let inbox = shard.borrow().inbox.clone();
+    loop {
+        inbox.ready().await;
+        let handled = shard.borrow_mut().drain_inbox(INBOX_BUDGET);
+        if handled == INBOX_BUDGET {
+            // More is waiting: let connection tasks write before draining on (a timer yield; in
+            // monoio 0.2.4 `yield_now` would run this task again first).
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// The per-shard timer. Returns when the shard has shut down.
+pub async fn sweep_loop(shard: ShardRef) {
+    let period = shard.borrow().ticks.period;
+    loop {
+        monoio::time::sleep(period).await;
+        let mut s = shard.borrow_mut();
+        s.sweep();
+        if s.shutdown_finished() {
+            return;
+        }
+    }
+}
