@@ -145,10 +145,18 @@ mod tests {
             Some(ShardMsg::Interest { from, channel, on }) => b0.peer_interest(from, channel, on),
             other => panic!("expected interest, got {other:?}"),
         }
-        assert!(matches!(peers[2].try_pop(), Some(ShardMsg::Interest { .. })));
+        assert!(matches!(
+            peers[2].try_pop(),
+            Some(ShardMsg::Interest { .. })
+        ));
         assert_eq!(b0.publish("news", b"1").unwrap(), Route::Local);
-        assert!(matches!(peers[1].try_pop(), Some(ShardMsg::Deliver { data, .. }) if &data[..] == b"1"));
-        assert!(peers[2].is_empty(), "shard 2 has no subscriber and must get nothing");
+        assert!(
+            matches!(peers[1].try_pop(), Some(ShardMsg::Deliver { data, .. }) if &data[..] == b"1")
+        );
+        assert!(
+            peers[2].is_empty(),
+            "shard 2 has no subscriber and must get nothing"
+        );
         b0.publish("other", b"2").unwrap();
         assert!(peers[1].is_empty());
         b0.peer_interest(1, Arc::from("news"), false);

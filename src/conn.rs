@@ -219,7 +219,12 @@ impl ConnTask {
             }
             (Method::Get, "/readyz") => {
                 if self.shard.borrow().broker.is_ready() {
-                    http::response(200, "application/json", b"{\"status\":\"ready\"}", keep_alive)
+                    http::response(
+                        200,
+                        "application/json",
+                        b"{\"status\":\"ready\"}",
+                        keep_alive,
+                    )
                 } else {
                     http::json_error(503, "unavailable", "the message bus is down", keep_alive)
                 }
@@ -306,8 +311,13 @@ impl ConnTask {
                     "{{\"ok\":false,\"error\":{{\"code\":\"bad_upgrade\",\"message\":{}}}}}",
                     serde_json::to_string(msg).unwrap_or_default()
                 );
-                let resp =
-                    http::response_with_headers(status, "application/json", extra, body.as_bytes(), false);
+                let resp = http::response_with_headers(
+                    status,
+                    "application/json",
+                    extra,
+                    body.as_bytes(),
+                    false,
+                );
                 self.write_http(resp).await;
                 return Next::Close;
             }
@@ -387,13 +397,9 @@ impl ConnTask {
                 }
             };
             match readable {
-                Some(Ok(())) => {
-                    if !self.read_ws(&mut decoder) {
-                        return;
-                    }
-                }
+                Some(Ok(())) if !self.read_ws(&mut decoder) => return,
                 Some(Err(_)) => return,
-                None => {}
+                _ => {}
             }
         }
     }

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "ringhub", version, about = "A thread-per-core WebSocket pub/sub hub")]
+#[command(
+    name = "ringhub",
+    version,
+    about = "A thread-per-core WebSocket pub/sub hub"
+)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter expression).
     #[arg(long, global = true, env = "RINGHUB_LOG", default_value = "info")]

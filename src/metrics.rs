@@ -87,18 +87,78 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
     let mut out = String::with_capacity(4096);
     type Getter = fn(&ShardMetrics) -> u64;
     let series: [(&str, &str, &str, Getter); 12] = [
-        ("ringhub_connections", "gauge", "Open WebSocket connections.", |m| m.connections_current),
-        ("ringhub_connections_total", "counter", "WebSocket connections accepted.", |m| m.connections_total),
-        ("ringhub_http_requests_total", "counter", "HTTP API requests served.", |m| m.http_requests),
-        ("ringhub_messages_received_total", "counter", "Messages received from WebSocket clients.", |m| m.messages_received),
-        ("ringhub_messages_published_total", "counter", "Publishes accepted (clients and POST /publish).", |m| m.messages_published),
-        ("ringhub_messages_delivered_total", "counter", "Messages queued to subscribers.", |m| m.messages_delivered),
-        ("ringhub_bytes_written_total", "counter", "Bytes written to sockets.", |m| m.bytes_written),
-        ("ringhub_slow_consumer_closes_total", "counter", "Connections closed with 1013 for a full outbox.", |m| m.slow_consumer_closes),
-        ("ringhub_protocol_closes_total", "counter", "Connections closed for protocol violations.", |m| m.protocol_closes),
-        ("ringhub_idle_closes_total", "counter", "Connections closed by the idle timeout.", |m| m.idle_closes),
-        ("ringhub_handshake_timeouts_total", "counter", "Connections dropped at the handshake timeout.", |m| m.handshake_timeouts),
-        ("ringhub_connections_refused_total", "counter", "Upgrades refused at max connections.", |m| m.connections_refused),
+        (
+            "ringhub_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            |m| m.connections_current,
+        ),
+        (
+            "ringhub_connections_total",
+            "counter",
+            "WebSocket connections accepted.",
+            |m| m.connections_total,
+        ),
+        (
+            "ringhub_http_requests_total",
+            "counter",
+            "HTTP API requests served.",
+            |m| m.http_requests,
+        ),
+        (
+            "ringhub_messages_received_total",
+            "counter",
+            "Messages received from WebSocket clients.",
+            |m| m.messages_received,
+        ),
+        (
+            "ringhub_messages_published_total",
+            "counter",
+            "Publishes accepted (clients and POST /publish).",
+            |m| m.messages_published,
+        ),
+        (
+            "ringhub_messages_delivered_total",
+            "counter",
+            "Messages queued to subscribers.",
+            |m| m.messages_delivered,
+        ),
+        (
+            "ringhub_bytes_written_total",
+            "counter",
+            "Bytes written to sockets.",
+            |m| m.bytes_written,
+        ),
+        (
+            "ringhub_slow_consumer_closes_total",
+            "counter",
+            "Connections closed with 1013 for a full outbox.",
+            |m| m.slow_consumer_closes,
+        ),
+        (
+            "ringhub_protocol_closes_total",
+            "counter",
+            "Connections closed for protocol violations.",
+            |m| m.protocol_closes,
+        ),
+        (
+            "ringhub_idle_closes_total",
+            "counter",
+            "Connections closed by the idle timeout.",
+            |m| m.idle_closes,
+        ),
+        (
+            "ringhub_handshake_timeouts_total",
+            "counter",
+            "Connections dropped at the handshake timeout.",
+            |m| m.handshake_timeouts,
+        ),
+        (
+            "ringhub_connections_refused_total",
+            "counter",
+            "Upgrades refused at max connections.",
+            |m| m.connections_refused,
+        ),
     ];
     for (name, kind, help, get) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

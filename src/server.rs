@@ -112,7 +112,7 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok((before as u64, lim.rlim_cur as u64))
+    Ok((before, lim.rlim_cur))
 }
 
 /// Bind every shard and start serving. Returns once all listeners are up.
@@ -122,7 +122,11 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
     let nofile = match raise_nofile_limit() {
         Ok((before, after)) => {
             if after > before {
-                tracing::info!(before, after, "raised the open-file soft limit to the hard limit");
+                tracing::info!(
+                    before,
+                    after,
+                    "raised the open-file soft limit to the hard limit"
+                );
             }
             after
         }
@@ -257,11 +261,17 @@ fn shard_main(ctx: ShardStart) {
     let id = ctx.id;
     if let Some(core) = ctx.core {
         if !core_affinity::set_for_current(core) {
-            tracing::warn!(shard = id, core = core.id, "could not pin shard to its core");
+            tracing::warn!(
+                shard = id,
+                core = core.id,
+                "could not pin shard to its core"
+            );
         }
     }
     let fail = |message: String| {
-        let _ = ctx.ready.send(Err(ServerError::Shard { shard: id, message }));
+        let _ = ctx
+            .ready
+            .send(Err(ServerError::Shard { shard: id, message }));
     };
     let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .with_entries(2048)
@@ -325,7 +335,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
             unsafe { libc::sigwait(&set, &mut sig) };
-            tracing::info!(signal = sig, "shutting down: closing clients with 1001 (send the signal again to exit now)");
+            tracing::info!(
+                signal = sig,
+                "shutting down: closing clients with 1001 (send the signal again to exit now)"
+            );
             trigger.shutdown();
             // SAFETY: as above.
             unsafe { libc::sigwait(&set, &mut sig) };

@@ -243,6 +243,8 @@ pub struct Shard {
     pub shutdown_at: Option<u32>,
     /// Wakes the accept loop so it stops accepting.
     pub accept_waker: Option<Waker>,
+    /// Wakes the sweep early during shutdown (so the shard exits as soon as it is drained).
+    sweep_waker: Option<Waker>,
     /// Connections that overflowed during the current fan-out (closed right after it).
     slow: Vec<usize>,
     /// Recycled write batches (keeps their Vec capacity).
@@ -280,6 +282,7 @@ impl Shard {
             next_seq: 0,
             shutdown_at: None,
             accept_waker: None,
+            sweep_waker: None,
             slow: Vec::new(),
             spare_batches: Vec::new(),
         }
@@ -337,6 +340,11 @@ impl Shard {
         let broker = &mut self.broker;
         self.topics
             .remove_conn(key, |channel| broker.last_unsubscribed(channel));
+        if self.shutdown_at.is_some() && self.conns.is_empty() {
+            if let Some(w) = self.sweep_waker.take() {
+                w.wake();
+            }
+        }
     }
 
     // ----- outbox -----
@@ -372,7 +380,10 @@ impl Shard {
 
     /// Queue a JSON text reply.
     pub fn send_text(&mut self, key: usize, json: &str) {
-        self.send_frame(key, codec::encode_frame(OpCode::Data(codec::Data::Text), json.as_bytes()));
+        self.send_frame(
+            key,
+            codec::encode_frame(OpCode::Data(codec::Data::Text), json.as_bytes()),
+        );
     }
 
     /// Queue an error reply and count it.
@@ -403,7 +414,9 @@ impl Shard {
             }
             bytes += f.len();
             c.queued -= f.len() + FRAME_OVERHEAD;
-            batch.frames.push(c.outbox.pop_front().expect("front exists"));
+            batch
+                .frames
+                .push(c.outbox.pop_front().expect("front exists"));
         }
         if c.outbox.is_empty() && c.outbox.capacity() > 64 {
             // Give back the memory of a burst once it has drained.
@@ -632,6 +645,9 @@ impl Shard {
         if let Some(w) = self.accept_waker.take() {
             w.wake();
         }
+        if let Some(w) = self.sweep_waker.take() {
+            w.wake();
+        }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             match self.conns[key].phase {
@@ -715,8 +731,7 @@ pub async fn accept_loop(shard: ShardRef, listener: monoio::net::TcpListener) {
                 std::task::Poll::Pending
             }
         });
-        let accepted = match select(std::pin::pin!(listener.accept()), std::pin::pin!(stop)).await
-        {
+        let accepted = match select(std::pin::pin!(listener.accept()), std::pin::pin!(stop)).await {
             Either::Left((res, _)) => res,
             Either::Right(_) => break,
         };
@@ -756,10 +771,25 @@ pub async fn inbox_loop(shard: ShardRef) {
 
 /// The per-shard timer. Returns when the shard has shut down.
 pub async fn sweep_loop(shard: ShardRef) {
+    use futures_util::future::select;
     let period = shard.borrow().ticks.period;
     loop {
-        monoio::time::sleep(period).await;
+        // Sleep one tick, or less when shutdown begins or the last connection leaves during it.
+        let early = std::future::poll_fn(|cx| {
+            let mut s = shard.borrow_mut();
+            if s.shutdown_at.is_some() && s.conns.is_empty() {
+                std::task::Poll::Ready(())
+            } else {
+                s.sweep_waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        });
+        let sleep = monoio::time::sleep(period);
+        select(std::pin::pin!(sleep), std::pin::pin!(early)).await;
         let mut s = shard.borrow_mut();
+        if s.shutdown_at.is_some() && s.conns.is_empty() {
+            return;
+        }
         s.sweep();
         if s.shutdown_finished() {
             return;
