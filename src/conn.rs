@@ -372,15 +372,8 @@ impl ConnTask {
             self.process(&mut decoder);
         }
         loop {
-            // Flush everything queued, one batch per writev.
-            loop {
-                let batch = self.shard.borrow_mut().take_batch(self.key);
-                let Some(batch) = batch else { break };
-                let (res, batch) = shard::write_batch(&mut self.stream, batch).await;
-                match res {
-                    Ok(n) => self.shard.borrow_mut().batch_done(n, batch),
-                    Err(_) => return,
-                }
+            if !self.flush().await {
+                return;
             }
             let phase = self.shard.borrow().conns[self.key].phase;
             match phase {
@@ -397,9 +390,27 @@ impl ConnTask {
                 }
             };
             match readable {
-                Some(Ok(())) if !self.read_ws(&mut decoder) => return,
+                Some(Ok(())) if !self.read_ws(&mut decoder) => {
+                    // End of input: still send what is queued (e.g. the reply to a close frame
+                    // that arrived together with the FIN).
+                    self.flush().await;
+                    return;
+                }
                 Some(Err(_)) => return,
                 _ => {}
+            }
+        }
+    }
+
+    /// Write everything queued, one batch per `writev`. False when the socket failed.
+    async fn flush(&mut self) -> bool {
+        loop {
+            let batch = self.shard.borrow_mut().take_batch(self.key);
+            let Some(batch) = batch else { return true };
+            let (res, batch) = shard::write_batch(&mut self.stream, batch).await;
+            match res {
+                Ok(n) => self.shard.borrow_mut().batch_done(n, batch),
+                Err(_) => return false,
             }
         }
     }

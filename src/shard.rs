@@ -88,6 +88,8 @@ pub struct Conn {
     /// Per-shard sequence number; the connection id is `<instance>-<shard>-<seq>`.
     pub seq: u64,
     pub phase: Phase,
+    /// Whether the connection became a WebSocket (counted in `connections_current`).
+    pub upgraded: bool,
     /// Frames waiting to be written (shared `Bytes`, so a fan-out frame exists once per shard).
     pub outbox: VecDeque<Bytes>,
     /// Bytes charged for `outbox` (frame lengths plus [`FRAME_OVERHEAD`] each).
@@ -298,6 +300,7 @@ impl Shard {
             fd,
             seq: self.next_seq,
             phase: Phase::Http,
+            upgraded: false,
             outbox: VecDeque::new(),
             queued: 0,
             waker: None,
@@ -324,6 +327,7 @@ impl Shard {
         let tick = self.tick;
         let c = &mut self.conns[key];
         c.phase = Phase::Open;
+        c.upgraded = true;
         c.last_rx = tick;
         c.last_ping = tick;
         self.metrics.connections_current += 1;
@@ -334,7 +338,7 @@ impl Shard {
     /// the broker hears about channels that lost their last local subscriber.
     pub fn remove_conn(&mut self, key: usize) {
         let c = self.conns.remove(key);
-        if c.phase != Phase::Http {
+        if c.upgraded {
             self.metrics.connections_current -= 1;
         }
         let broker = &mut self.broker;
