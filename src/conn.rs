@@ -135,9 +135,7 @@ impl ConnTask {
                     Ok(Some(head)) => return Some(head),
                     Ok(None) => {}
                     Err(e) => {
-                        let status = e.status();
-                        let resp = http::json_error(status, "bad_request", &e.to_string(), false);
-                        self.write_http(resp).await;
+                        self.write_http(e.to_response()).await;
                         self.linger().await;
                         return None;
                     }
@@ -211,48 +209,72 @@ impl ConnTask {
                 Ok(_) => {}
             }
         }
-        let is_upgrade = head.upgrade.is_some();
-        let resp = match (head.method, head.path.as_str()) {
-            (Method::Get, "/ws") if is_upgrade => return self.upgrade(head).await,
-            (Method::Get, "/healthz") => {
-                http::response(200, "application/json", b"{\"status\":\"ok\"}", keep_alive)
-            }
-            (Method::Get, "/readyz") => {
-                if self.shard.borrow().broker.is_ready() {
-                    http::response(
-                        200,
-                        "application/json",
-                        b"{\"status\":\"ready\"}",
-                        keep_alive,
-                    )
-                } else {
-                    http::json_error(503, "unavailable", "the message bus is down", keep_alive)
-                }
-            }
-            (Method::Get, "/metrics") => {
-                let text = gather_metrics(&self.shard).await;
-                http::response(
-                    200,
-                    "text/plain; version=0.0.4",
-                    text.as_bytes(),
-                    keep_alive,
-                )
-            }
-            (Method::Post, "/publish") => {
-                let body = &self.rbuf[head.head_len..head.head_len + head.content_length];
-                let (status, out) = self.http_publish(&head, body);
-                match out {
-                    Ok(()) => {
-                        http::response(status, "application/json", b"{\"ok\":true}", keep_alive)
-                    }
-                    Err((code, msg)) => http::json_error(status, code, &msg, keep_alive),
-                }
-            }
-            (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/publish") => {
-                http::json_error(405, "method_not_allowed", "method not allowed", keep_alive)
-            }
-            _ => http::json_error(404, "not_found", "no such endpoint", keep_alive),
+        // HEAD is answered like GET, without the body.
+        let (method, head_only) = match head.method {
+            Method::Head => (Method::Get, true),
+            m => (m, false),
         };
+        let json = "application/json";
+        let (status, content_type, extra, body): (u16, &str, &[(&str, &str)], Vec<u8>) =
+            match (method, head.path.as_str()) {
+                (Method::Get, "/ws") if head.upgrade.is_some() && !head_only => {
+                    return self.upgrade(head).await
+                }
+                (Method::Get, "/ws") => (
+                    426,
+                    json,
+                    &[("Upgrade", "websocket")],
+                    err_body("upgrade_required", "GET /ws must be a WebSocket upgrade"),
+                ),
+                (Method::Get, "/healthz") => (200, json, &[], b"{\"status\":\"ok\"}".to_vec()),
+                (Method::Get, "/readyz") => {
+                    if self.shard.borrow().broker.is_ready() {
+                        (200, json, &[], b"{\"status\":\"ready\"}".to_vec())
+                    } else {
+                        (
+                            503,
+                            json,
+                            &[],
+                            err_body("unavailable", "the message bus is down"),
+                        )
+                    }
+                }
+                (Method::Get, "/metrics") => {
+                    let text = gather_metrics(&self.shard).await;
+                    (200, "text/plain; version=0.0.4", &[], text.into_bytes())
+                }
+                (Method::Post, "/publish") => {
+                    let body = &self.rbuf[head.head_len..head.head_len + head.content_length];
+                    match self.http_publish(&head, body) {
+                        Ok(()) => (200, json, &[], b"{\"ok\":true}".to_vec()),
+                        Err((401, code, msg)) => (
+                            401,
+                            json,
+                            &[("WWW-Authenticate", "Bearer")],
+                            err_body(code, &msg),
+                        ),
+                        Err((status, code, msg)) => (status, json, &[], err_body(code, &msg)),
+                    }
+                }
+                (_, "/publish") => (
+                    405,
+                    json,
+                    &[("Allow", "POST")],
+                    err_body("method_not_allowed", "use POST"),
+                ),
+                (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => (
+                    405,
+                    json,
+                    &[("Allow", "GET, HEAD")],
+                    err_body("method_not_allowed", "use GET"),
+                ),
+                _ => (404, json, &[], err_body("not_found", "no such endpoint")),
+            };
+        let mut resp = http::response_with_headers(status, content_type, extra, &body, keep_alive);
+        if head_only {
+            // Same head (Content-Length included), no body.
+            resp.truncate(resp.len() - body.len());
+        }
         self.rbuf.advance(head.head_len + head.content_length);
         self.shard.borrow_mut().metrics.http_requests += 1;
         if !self.write_http(resp).await {
@@ -265,12 +287,12 @@ impl ConnTask {
         }
     }
 
-    /// `POST /publish` with `{"channel":..,"data":..}`.
+    /// `POST /publish` with `{"channel":..,"data":..}`. Err: (status, code, message).
     fn http_publish(
         &self,
         head: &RequestHead,
         body: &[u8],
-    ) -> (u16, Result<(), (&'static str, String)>) {
+    ) -> Result<(), (u16, &'static str, String)> {
         let mut s = self.shard.borrow_mut();
         if let Some(key) = &s.cfg.api_key {
             let ok = head
@@ -279,46 +301,32 @@ impl ConnTask {
                 .and_then(|a| a.strip_prefix("Bearer "))
                 .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()));
             if !ok {
-                return (
-                    401,
-                    Err(("unauthorized", "missing or wrong bearer token".into())),
-                );
+                return Err((401, "unauthorized", "missing or wrong bearer token".into()));
             }
         }
         let (channel, data) = match protocol::parse_publish_body(body) {
             Ok(v) => v,
-            Err(e) => return (400, Err((e.code.as_str(), e.message))),
+            Err(e) => {
+                s.metrics.count_error(e.code);
+                return Err((400, e.code.as_str(), e.message));
+            }
         };
-        match s.publish(&channel, data.get().as_bytes()) {
-            Ok(()) => (200, Ok(())),
-            Err(_) => (
+        s.publish(&channel, data.get().as_bytes()).map_err(|_| {
+            s.metrics.count_error(ErrorCode::Unavailable);
+            (
                 503,
-                Err(("unavailable", "the message bus is unavailable".into())),
-            ),
-        }
+                "unavailable",
+                "the message bus is unavailable".to_string(),
+            )
+        })
     }
 
     async fn upgrade(&mut self, head: RequestHead) -> Next {
         let accept = match http::accept_upgrade(&head) {
             Ok(a) => a,
             Err((status, msg)) => {
-                let extra: &[(&str, &str)] = if status == 426 {
-                    &[("Sec-WebSocket-Version", "13")]
-                } else {
-                    &[]
-                };
-                let body = format!(
-                    "{{\"ok\":false,\"error\":{{\"code\":\"bad_upgrade\",\"message\":{}}}}}",
-                    serde_json::to_string(msg).unwrap_or_default()
-                );
-                let resp = http::response_with_headers(
-                    status,
-                    "application/json",
-                    extra,
-                    body.as_bytes(),
-                    false,
-                );
-                self.write_http(resp).await;
+                self.write_http(http::upgrade_error_response(status, msg))
+                    .await;
                 return Next::Close;
             }
         };
@@ -546,4 +554,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn err_body(code: &str, message: &str) -> Vec<u8> {
+    http::json_error_body(code, message).into_bytes()
 }

@@ -525,7 +525,7 @@ pub fn response_with_headers(
     out
 }
 
-fn json_error_body(code: &str, message: &str) -> String {
+pub fn json_error_body(code: &str, message: &str) -> String {
     let code = serde_json::Value::String(code.to_owned());
     let message = serde_json::Value::String(message.to_owned());
     format!("{{\"ok\":false,\"error\":{{\"code\":{code},\"message\":{message}}}}}")
