@@ -322,6 +322,12 @@ impl ConnTask {
     }
 
     async fn upgrade(&mut self, head: RequestHead) -> Next {
+        if head.content_length > 0 {
+            // The WebSocket stream starts right after the request; a body has no place there.
+            let resp = http::upgrade_error_response(400, "an upgrade request must not have a body");
+            self.write_http(resp).await;
+            return Next::Close;
+        }
         let accept = match http::accept_upgrade(&head) {
             Ok(a) => a,
             Err((status, msg)) => {

@@ -81,8 +81,14 @@ impl Client {
         };
         let welcome = c.recv_json();
         assert_eq!(welcome["type"], "welcome", "first message: {welcome}");
-        c.id = welcome["connection"].as_str().expect("connection id").to_string();
-        c.instance = welcome["instance"].as_str().expect("instance id").to_string();
+        c.id = welcome["connection"]
+            .as_str()
+            .expect("connection id")
+            .to_string();
+        c.instance = welcome["instance"]
+            .as_str()
+            .expect("instance id")
+            .to_string();
         c
     }
 
@@ -199,9 +205,18 @@ pub fn read_http_head(s: &mut TcpStream) -> String {
 }
 
 /// A plain HTTP/1.1 request (Connection: close); returns (status, body).
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut s = raw(addr);
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -216,7 +231,10 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("bad HTTP response {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
