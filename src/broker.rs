@@ -43,6 +43,12 @@ pub trait Broker {
     fn first_subscriber(&mut self, channel: &str);
     /// The shard's last local subscriber of `channel` left.
     fn last_unsubscribed(&mut self, channel: &str);
+    /// Whether the bus has not yet confirmed a subscription to `channel` that this shard asked
+    /// for: the shard then holds the client's `subscribed` ack (and its further commands) until
+    /// the confirmation, so that a publish after the ack is delivered.
+    fn subscription_pending(&self, _channel: &str) -> bool {
+        false
+    }
     /// Shard `from` reported an interest change (in-process broker only).
     fn peer_interest(&mut self, _from: usize, _channel: Arc<str>, _on: bool) {}
     /// Whether publishes can currently be accepted (`/readyz`).

@@ -53,6 +53,97 @@ pub struct Config {
     pub max_http_body: Option<usize>,
     /// Instance id used in connection ids and the welcome. Default: random per process start.
     pub instance_id: Option<String>,
+    /// Redis coordination (multi-instance mode). `None`: embedded mode, shards exchange messages
+    /// in-process.
+    pub redis: Option<RedisConfig>,
+}
+
+/// Where and how to reach Redis (`--redis redis://[:password@]host:port[/db]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `host:port`.
+    pub addr: String,
+    /// Database index for SELECT (pub/sub ignores it; the registry's keys live there). Default 0.
+    pub db: u32,
+    /// AUTH username (Redis 6 ACL), if any.
+    pub username: Option<String>,
+    /// AUTH password, if any (`redis://:pw@host` or `--redis-password`).
+    pub password: Option<String>,
+    /// Prefix of every key and channel. Default `ws:`: hub channel `news` is `ws:chan:news`.
+    pub prefix: String,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("addr", &self.addr)
+            .field("db", &self.db)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// Parse `redis://[[user]:password@]host[:port][/db]` (port 6379 and db 0 by default).
+    pub fn from_url(url: &str) -> Result<RedisConfig, String> {
+        let bad = |why: &str| {
+            format!(
+                "invalid Redis URL {url:?}: {why} (expected redis://[:password@]host:port[/db])"
+            )
+        };
+        let rest = url
+            .strip_prefix("redis://")
+            .ok_or_else(|| bad("must start with redis://"))?;
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (Some(a), r),
+            None => (None, rest),
+        };
+        let (hostport, db) = match rest.split_once('/') {
+            Some((h, "")) => (h, 0),
+            Some((h, d)) => (
+                h,
+                d.parse()
+                    .map_err(|_| bad("the database must be a number"))?,
+            ),
+            None => (rest, 0),
+        };
+        if hostport.is_empty() {
+            return Err(bad("missing host"));
+        }
+        let addr = if hostport.starts_with('[')
+            || hostport
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            hostport.to_string()
+        } else if hostport.contains(':') {
+            return Err(bad("invalid port"));
+        } else {
+            format!("{hostport}:6379")
+        };
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some(("", pw)) => (None, Some(pw.to_string())),
+                Some((user, pw)) => (Some(user.to_string()), Some(pw.to_string())),
+                None => (None, Some(a.to_string())),
+            },
+        };
+        Ok(RedisConfig {
+            addr,
+            db,
+            username,
+            password,
+            prefix: "ws:".into(),
+        })
+    }
+
+    /// The Redis pub/sub channel of hub channel `channel`.
+    pub fn channel_key(&self, channel: &str) -> String {
+        format!("{}chan:{channel}", self.prefix)
+    }
 }
 
 impl Default for Config {
@@ -76,6 +167,7 @@ impl Default for Config {
             api_key: None,
             max_http_body: None,
             instance_id: None,
+            redis: None,
         }
     }
 }
@@ -245,5 +337,30 @@ mod tests {
         assert_eq!(c.tick(), Duration::from_secs(1));
         c.idle_timeout = Duration::from_millis(20);
         assert_eq!(c.tick(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn redis_urls() {
+        let c = RedisConfig::from_url("redis://127.0.0.1:7001/2").unwrap();
+        assert_eq!(
+            (c.addr.as_str(), c.db, c.password.as_deref()),
+            ("127.0.0.1:7001", 2, None)
+        );
+        let c = RedisConfig::from_url("redis://:s3cr@t@localhost").unwrap();
+        assert_eq!(c.addr, "localhost:6379");
+        assert_eq!(c.password.as_deref(), Some("s3cr@t"));
+        let c = RedisConfig::from_url("redis://bob:pw@h:1/").unwrap();
+        assert_eq!(
+            (c.username.as_deref(), c.password.as_deref(), c.db),
+            (Some("bob"), Some("pw"), 0)
+        );
+        assert!(RedisConfig::from_url("http://h:1").is_err());
+        assert!(RedisConfig::from_url("redis://h:1/x").is_err());
+        assert!(RedisConfig::from_url("redis://h:notaport").is_err());
+        assert!(
+            !format!("{c:?}").contains("pw"),
+            "password must not be logged"
+        );
+        assert_eq!(c.channel_key("news"), "ws:chan:news");
     }
 }

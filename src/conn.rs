@@ -18,6 +18,7 @@ use crate::http::{self, HttpLimits, Method, RequestHead};
 use crate::inbox::ShardMsg;
 use crate::protocol::{self, ErrorCode};
 use crate::shard::{self, Phase, ShardRef};
+use crate::sock::recv_into;
 use bytes::{Buf, BytesMut};
 use futures_util::future::{select, Either};
 use monoio::io::AsyncWriteRentExt;
@@ -73,28 +74,6 @@ struct ConnTask {
     rbuf: BytesMut,
     #[allow(dead_code)]
     peer: SocketAddr,
-}
-
-/// `recv(2)` without blocking into the spare capacity of `buf`. Ok(0) is end of stream.
-fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: `spare` is allocated, writable memory of `spare.len()` bytes owned by `buf`; recv
-    // writes at most that many bytes into it.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            spare.as_mut_ptr() as *mut libc::c_void,
-            spare.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: the kernel initialised exactly `n` bytes after the current length.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
 }
 
 impl ConnTask {
@@ -228,7 +207,7 @@ impl ConnTask {
                 ),
                 (Method::Get, "/healthz") => (200, json, &[], b"{\"status\":\"ok\"}".to_vec()),
                 (Method::Get, "/readyz") => {
-                    if self.shard.borrow().broker.is_ready() {
+                    if self.shard.borrow().shared.readiness.all() {
                         (200, json, &[], b"{\"status\":\"ready\"}".to_vec())
                     } else {
                         (
@@ -389,11 +368,24 @@ impl ConnTask {
             if !self.flush().await {
                 return;
             }
-            let phase = self.shard.borrow().conns[self.key].phase;
+            let (phase, blocked) = {
+                let s = self.shard.borrow();
+                let c = &s.conns[self.key];
+                (c.phase, c.awaiting_ack)
+            };
             match phase {
                 Phase::Dead => return,
                 Phase::FlushThenClose => return self.linger().await,
                 Phase::Open | Phase::ClosingByUs | Phase::Http => {}
+            }
+            if blocked && phase == Phase::Open {
+                // A subscribe waits for the bus: read nothing more until it is released (a kick),
+                // then handle what is already buffered.
+                outbox_ready(&self.shard, self.key).await;
+                if !self.rbuf.is_empty() {
+                    self.process(&mut decoder);
+                }
+                continue;
             }
             // Wait for input or output, whichever comes first.
             let readable = {
@@ -469,6 +461,10 @@ impl ConnTask {
         s.conns[key].last_rx = tick;
         loop {
             let phase = s.conns[key].phase;
+            if phase == Phase::Open && s.conns[key].awaiting_ack {
+                // Commands wait (in rbuf) until the held subscribe is confirmed.
+                return;
+            }
             if !matches!(phase, Phase::Open | Phase::ClosingByUs) {
                 // Nothing more is read once we are closing the socket.
                 self.rbuf.clear();

@@ -14,7 +14,10 @@
 //! - [`shard`]: what one core owns and its loops (accept, inbox, timer sweep); the hot path.
 //! - [`conn`]: one connection's task (HTTP API, upgrade, WebSocket read/write loop).
 //! - [`inbox`]: the only cross-thread path into a shard.
-//! - [`broker`]: the seam between shards (and, later, instances): in-process implementation.
+//! - [`broker`]: the seam between shards and instances; in-process implementation.
+//! - [`redis`]: the Redis implementation: per-shard publisher/subscriber links, lazy subscriptions.
+//! - [`resp`]: sans-IO RESP parser and command encoder.
+//! - [`sock`]: non-blocking receive helper.
 
 pub mod broker;
 pub mod codec;
@@ -24,6 +27,9 @@ pub mod http;
 pub mod inbox;
 pub mod metrics;
 pub mod protocol;
+pub mod redis;
+pub mod resp;
 pub mod server;
 pub mod shard;
+pub mod sock;
 pub mod topics;

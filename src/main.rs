@@ -4,7 +4,7 @@
 //! `500ms`, `25s`, `2m` and sizes like `64KiB`, `1MiB`.
 
 use clap::{Args, Parser, Subcommand};
-use ringhub::config::{parse_cpu_list, parse_duration, parse_size, Config};
+use ringhub::config::{parse_cpu_list, parse_duration, parse_size, Config, RedisConfig};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the hub (embedded single-instance mode: no Redis needed).
+    /// Run the hub (embedded single-instance mode by default; `--redis` for multi-instance).
     Serve(ServeArgs),
 }
 
@@ -76,6 +76,21 @@ struct ServeArgs {
     /// Instance id used in connection ids [default: random at each start].
     #[arg(long, env = "RINGHUB_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Coordinate with other instances through Redis: `redis://[:password@]host:port[/db]`
+    /// [default: none, embedded single-instance mode].
+    #[arg(long, env = "RINGHUB_REDIS", value_parser = RedisConfig::from_url, hide_env_values = true)]
+    redis: Option<RedisConfig>,
+    /// Redis password (instead of putting it in the URL).
+    #[arg(
+        long,
+        env = "RINGHUB_REDIS_PASSWORD",
+        hide_env_values = true,
+        requires = "redis"
+    )]
+    redis_password: Option<String>,
+    /// Prefix of every Redis key and channel (hub channel `news` is `<prefix>chan:news`).
+    #[arg(long, env = "RINGHUB_REDIS_PREFIX", default_value = "ws:")]
+    redis_prefix: String,
 }
 
 impl ServeArgs {
@@ -98,6 +113,13 @@ impl ServeArgs {
             api_key: self.api_key,
             max_http_body: None,
             instance_id: self.instance_id,
+            redis: self.redis.map(|mut r| {
+                if self.redis_password.is_some() {
+                    r.password = self.redis_password;
+                }
+                r.prefix = self.redis_prefix;
+                r
+            }),
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct ShardMetrics {
     pub handshake_timeouts: u64,
     /// Upgrades refused because of `max_connections`.
     pub connections_refused: u64,
+    /// Messages received from the bus (Redis mode).
+    pub bus_messages_received: u64,
     /// Error replies sent, by code (see [`ERROR_CODES`]).
     pub errors: [u64; ERROR_CODES.len()],
 }
@@ -72,6 +74,7 @@ impl ShardMetrics {
         self.idle_closes += o.idle_closes;
         self.handshake_timeouts += o.handshake_timeouts;
         self.connections_refused += o.connections_refused;
+        self.bus_messages_received += o.bus_messages_received;
         for (a, b) in self.errors.iter_mut().zip(o.errors.iter()) {
             *a += b;
         }
@@ -86,7 +89,7 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
     }
     let mut out = String::with_capacity(4096);
     type Getter = fn(&ShardMetrics) -> u64;
-    let series: [(&str, &str, &str, Getter); 12] = [
+    let series: [(&str, &str, &str, Getter); 13] = [
         (
             "ringhub_connections",
             "gauge",
@@ -158,6 +161,12 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
             "counter",
             "Upgrades refused at max connections.",
             |m| m.connections_refused,
+        ),
+        (
+            "ringhub_bus_messages_received_total",
+            "counter",
+            "Messages received from Redis (Redis mode).",
+            |m| m.bus_messages_received,
         ),
     ];
     for (name, kind, help, get) in series {

@@ -9,9 +9,10 @@
 //! A shard that panics takes the process down (`abort`): its listener would otherwise keep
 //! receiving connections nobody serves.
 
-use crate::broker::MemoryBroker;
+use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
 use crate::inbox::{Inbox, ShardMsg};
+use crate::redis::{Links, Readiness, RedisBroker};
 use crate::shard::{self, Shard, Shared};
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -169,6 +170,7 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
     let shared = Arc::new(Shared {
         connections: AtomicUsize::new(0),
         max_connections,
+        readiness: Readiness::new(config.shards, config.redis.is_none()),
     });
     let inboxes: Arc<[Arc<Inbox>]> = (0..config.shards).map(|_| Inbox::new()).collect();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -235,7 +237,8 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
         shards = config.shards,
         instance = %instance,
         max_connections,
-        "ringhub listening (embedded mode: shards exchange messages in-process)"
+        mode = if config.redis.is_some() { "redis" } else { "embedded" },
+        "ringhub listening"
     );
     Ok(ServerHandle {
         addr,
@@ -295,7 +298,17 @@ fn shard_main(ctx: ShardStart) {
                 return;
             }
         };
-        let broker = Box::new(MemoryBroker::new(id, ctx.inboxes.clone()));
+        // Embedded mode: shards carry messages to each other. Redis mode: Redis is the bus and
+        // shards do not talk to each other.
+        let links = ctx
+            .cfg
+            .redis
+            .as_ref()
+            .map(|r| Links::new(Arc::new(r.clone()), id, ctx.shared.readiness.clone()));
+        let broker: Box<dyn Broker> = match &links {
+            Some(links) => Box::new(RedisBroker::new(links.clone())),
+            None => Box::new(MemoryBroker::new(id, ctx.inboxes.clone())),
+        };
         let shard = Rc::new(RefCell::new(Shard::new(
             id,
             ctx.cfg.clone(),
@@ -307,6 +320,9 @@ fn shard_main(ctx: ShardStart) {
         )));
         monoio::spawn(shard::accept_loop(shard.clone(), listener));
         monoio::spawn(shard::inbox_loop(shard.clone()));
+        if let Some(links) = links {
+            crate::redis::spawn_links(shard.clone(), links);
+        }
         let _ = ctx.ready.send(Ok(()));
         shard::sweep_loop(shard).await;
         tracing::debug!(shard = id, "shard stopped");

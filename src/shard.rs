@@ -27,9 +27,10 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::{self, Command, ErrorCode};
 use crate::topics::TopicRegistry;
 use bytes::{Bytes, BytesMut};
+use serde_json::value::RawValue;
 use slab::Slab;
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
@@ -58,6 +59,8 @@ pub struct Shared {
     pub connections: AtomicUsize,
     /// Upgrades beyond this get HTTP 503.
     pub max_connections: usize,
+    /// Per-shard bus readiness for `GET /readyz` (always up in embedded mode).
+    pub readiness: Arc<crate::redis::Readiness>,
 }
 
 /// Where a connection is in its life. The connection task and the sweep both act on it.
@@ -90,6 +93,8 @@ pub struct Conn {
     pub phase: Phase,
     /// Whether the connection became a WebSocket (counted in `connections_current`).
     pub upgraded: bool,
+    /// A `subscribe` waits for the bus to confirm; the connection's further commands wait too.
+    pub awaiting_ack: bool,
     /// Frames waiting to be written (shared `Bytes`, so a fan-out frame exists once per shard).
     pub outbox: VecDeque<Bytes>,
     /// Bytes charged for `outbox` (frame lengths plus [`FRAME_OVERHEAD`] each).
@@ -251,6 +256,17 @@ pub struct Shard {
     slow: Vec<usize>,
     /// Recycled write batches (keeps their Vec capacity).
     spare_batches: Vec<WriteBatch>,
+    /// `subscribed` acks held until the bus confirms the channel's subscription.
+    pending_acks: HashMap<Box<str>, Vec<PendingAck>>,
+}
+
+/// A client's `subscribe` acknowledgement waiting for the bus.
+#[derive(Debug)]
+struct PendingAck {
+    key: usize,
+    /// Guards against a slab key reused by a newer connection.
+    seq: u64,
+    id: Option<Box<RawValue>>,
 }
 
 impl Shard {
@@ -287,6 +303,7 @@ impl Shard {
             sweep_waker: None,
             slow: Vec::new(),
             spare_batches: Vec::new(),
+            pending_acks: HashMap::new(),
         }
     }
 
@@ -301,6 +318,7 @@ impl Shard {
             seq: self.next_seq,
             phase: Phase::Http,
             upgraded: false,
+            awaiting_ack: false,
             outbox: VecDeque::new(),
             queued: 0,
             waker: None,
@@ -553,7 +571,21 @@ impl Shard {
                 {
                     self.broker.first_subscriber(&channel);
                 }
-                self.send_text(key, &protocol::ack("subscribed", &channel, id));
+                if self.broker.subscription_pending(&channel) {
+                    let c = &mut self.conns[key];
+                    c.awaiting_ack = true;
+                    let ack = PendingAck {
+                        key,
+                        seq: c.seq,
+                        id: id.map(|id| id.to_owned()),
+                    };
+                    self.pending_acks
+                        .entry(Box::from(&*channel))
+                        .or_default()
+                        .push(ack);
+                } else {
+                    self.send_text(key, &protocol::ack("subscribed", &channel, id));
+                }
             }
             Command::Unsubscribe { channel, id } => {
                 if let crate::topics::Unsubscribed::Removed { last: true } =
@@ -565,6 +597,44 @@ impl Shard {
             }
             Command::Ping { id } => self.send_text(key, &protocol::pong(id)),
         }
+    }
+
+    /// The bus confirmed the subscription to `channel`: send the held acks and let those
+    /// connections continue.
+    pub fn subscription_confirmed(&mut self, channel: &str) {
+        if let Some(acks) = self.pending_acks.remove(channel) {
+            for ack in acks {
+                self.release_ack(channel, ack);
+            }
+        }
+    }
+
+    /// The bus went down: acknowledge every held subscribe now (the subscriptions are kept and
+    /// re-established when the bus returns).
+    pub fn release_all_pending_acks(&mut self) {
+        for (channel, acks) in std::mem::take(&mut self.pending_acks) {
+            for ack in acks {
+                self.release_ack(&channel, ack);
+            }
+        }
+    }
+
+    fn release_ack(&mut self, channel: &str, ack: PendingAck) {
+        let Some(c) = self.conns.get_mut(ack.key) else {
+            return;
+        };
+        if c.seq != ack.seq {
+            return;
+        }
+        c.awaiting_ack = false;
+        c.kick = true;
+        if let Some(w) = c.waker.take() {
+            w.wake();
+        }
+        self.send_text(
+            ack.key,
+            &protocol::ack("subscribed", channel, ack.id.as_deref()),
+        );
     }
 
     /// Accept a publish from this shard (a client or `POST /publish`).
