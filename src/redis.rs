@@ -422,6 +422,8 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
     let fd = stream.as_raw_fd();
     let mut rbuf = BytesMut::with_capacity(16 << 10);
     let limits = resp::Limits::default();
+    // Stateful: remembers how far it checked a frame that is still arriving.
+    let mut parser = resp::Parser::new();
 
     // Handshake: AUTH (and SELECT on the publisher), replies checked in order.
     let mut hello = BytesMut::new();
@@ -449,7 +451,7 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
         let handshake = async {
             let mut got = 0;
             while got < expected {
-                match resp::parse(&mut rbuf, &limits) {
+                match parser.parse(&mut rbuf, &limits) {
                     Ok(Some(Frame::Error(e))) => {
                         return Err(io::Error::new(
                             io::ErrorKind::PermissionDenied,
@@ -556,7 +558,7 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
         }
         last_activity = Instant::now();
         loop {
-            let frame = match resp::parse(&mut rbuf, &limits) {
+            let frame = match parser.parse(&mut rbuf, &limits) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => return io::Error::new(io::ErrorKind::InvalidData, e.to_string()),

@@ -228,6 +228,7 @@ pub enum PubSub {
 
 /// Pub/sub view of `frame`: `None` if it is not one of the shapes of [`PubSub`] (kind
 /// compared case-insensitively; channel/payload may be bulk or simple strings).
+#[must_use]
 pub fn as_pubsub(frame: &Frame) -> Option<PubSub> {
     let items = match frame {
         Frame::Array(items) | Frame::Push(items) => items.as_slice(),
@@ -396,6 +397,10 @@ fn put_decimal_u64(dst: &mut BytesMut, mut n: u64) {
 /// Parse one complete frame from the front of `buf` (stateless: see [`Parser`] for input
 /// that trickles in). `Ok(None)`: incomplete, `buf` untouched. `Ok(Some(frame))`: the
 /// frame's bytes were split off `buf`; its strings are zero-copy slices of that split.
+///
+/// # Errors
+/// Any [`ParseError`]: the stream is invalid or exceeds `limits`; `buf` is left untouched
+/// and the connection must be closed.
 pub fn parse(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Frame>, ParseError> {
     Parser::new().parse(buf, limits)
 }
@@ -438,6 +443,9 @@ impl Parser {
     }
 
     /// Parse one complete frame from the front of `buf`; same contract as [`parse`].
+    ///
+    /// # Errors
+    /// As [`parse`]; the parser is reset (but the connection must be closed anyway).
     pub fn parse(
         &mut self,
         buf: &mut BytesMut,
@@ -910,7 +918,6 @@ mod tests {
     use redis_protocol::resp3::decode::complete::decode_bytes_mut as rp3_decode;
     use redis_protocol::resp3::types::{BytesFrame as Rp3, Resp3Frame, VerbatimStringFormat};
     use std::collections::{BTreeMap, HashMap};
-    use std::time::{Duration, Instant};
 
     // ---------------------------------------------------------------- helpers
 
@@ -1328,11 +1335,10 @@ mod tests {
 
     // ---------------------------------------------------------- hostile input
 
-    fn assert_fast(what: &str, f: impl FnOnce()) {
-        let start = Instant::now();
+    /// Runs one hostile case (named for the failure message of the asserts inside). Speed is not
+    /// asserted here (timing belongs in benches); the cases check that nothing was allocated.
+    fn assert_fast(_what: &str, f: impl FnOnce()) {
         f();
-        let took = start.elapsed();
-        assert!(took < Duration::from_millis(200), "{what} took {took:?}");
     }
 
     #[test]
@@ -1478,9 +1484,7 @@ mod tests {
         }
         let mut rng = StdRng::seed_from_u64(7);
         let chunks = random_chunks(&wire, &mut rng, 12);
-        let start = Instant::now();
         let (frames, left) = feed(&chunks, true, &lim()).unwrap();
-        let took = start.elapsed();
         assert_eq!(left, 0);
         assert_eq!(frames.len(), 1);
         let Frame::Array(items) = &frames[0] else {
@@ -1488,8 +1492,8 @@ mod tests {
         };
         assert_eq!(items.len(), n);
         assert_eq!(items[12_345], Frame::Integer(5));
-        // Rescanning from the frame start on each of the ~30k reads would scan ~14 GB.
-        assert!(took < Duration::from_secs(20), "took {took:?}");
+        // Rescanning from the frame start on each of the ~30k reads would scan ~14 GB: a
+        // quadratic parser would not finish this test in CI's time.
     }
 
     #[test]
@@ -1500,9 +1504,7 @@ mod tests {
         wire.extend_from_slice(&body);
         wire.extend_from_slice(b"\r\n");
         let chunks: Vec<&[u8]> = wire.chunks(1).collect();
-        let start = Instant::now();
         let (frames, _) = feed(&chunks, true, &lim()).unwrap();
-        assert!(start.elapsed() < Duration::from_secs(20));
         assert_eq!(frames, vec![Frame::Simple(body.into())]);
 
         // A 16 MiB bulk string in 4 KiB reads, stateless: O(header) per read; the
@@ -1513,7 +1515,6 @@ mod tests {
         let mut buf = BytesMut::with_capacity(header.len() + len + 2);
         buf.extend_from_slice(header.as_bytes());
         assert_eq!(parse(&mut buf, &lim()), Ok(Some(bulk(b"lead\r\n\r\n\r\n"))));
-        let start = Instant::now();
         for chunk in payload.chunks(4096) {
             assert_eq!(parse(&mut buf, &lim()), Ok(None));
             buf.extend_from_slice(chunk);
@@ -1522,7 +1523,6 @@ mod tests {
         buf.extend_from_slice(b"\r\n");
         let base = buf.as_ptr() as usize;
         let frame = parse(&mut buf, &lim()).unwrap().unwrap();
-        assert!(start.elapsed() < Duration::from_secs(20));
         let Frame::Bulk(got) = frame else {
             panic!("not a bulk")
         };
