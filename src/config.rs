@@ -53,6 +53,10 @@ pub struct Config {
     pub max_http_body: Option<usize>,
     /// Instance id used in connection ids and the welcome. Default: random per process start.
     pub instance_id: Option<String>,
+    /// Serve `GET /echo`: a WebSocket endpoint that sends every text or binary message back,
+    /// through the same connection, codec and outbox code as `/ws`. For conformance testing
+    /// (Autobahn); off by default.
+    pub echo: bool,
     /// Redis coordination (multi-instance mode). `None`: embedded mode, shards exchange messages
     /// in-process.
     pub redis: Option<RedisConfig>,
@@ -167,6 +171,7 @@ impl Default for Config {
             api_key: None,
             max_http_body: None,
             instance_id: None,
+            echo: false,
             redis: None,
         }
     }

@@ -197,7 +197,12 @@ impl ConnTask {
         let (status, content_type, extra, body): (u16, &str, &[(&str, &str)], Vec<u8>) =
             match (method, head.path.as_str()) {
                 (Method::Get, "/ws") if head.upgrade.is_some() && !head_only => {
-                    return self.upgrade(head).await
+                    return self.upgrade(head, false).await
+                }
+                (Method::Get, "/echo")
+                    if head.upgrade.is_some() && !head_only && self.shard.borrow().cfg.echo =>
+                {
+                    return self.upgrade(head, true).await
                 }
                 (Method::Get, "/ws") => (
                     426,
@@ -300,7 +305,7 @@ impl ConnTask {
         })
     }
 
-    async fn upgrade(&mut self, head: RequestHead) -> Next {
+    async fn upgrade(&mut self, head: RequestHead, echo: bool) -> Next {
         if head.content_length > 0 {
             // The WebSocket stream starts right after the request; a body has no place there.
             let resp = http::upgrade_error_response(400, "an upgrade request must not have a body");
@@ -336,7 +341,7 @@ impl ConnTask {
         }
         self.rbuf.advance(head.head_len);
         let mut out = http::switching_protocols(&accept);
-        {
+        if !echo {
             let s = self.shard.borrow();
             let welcome = protocol::welcome(&s.conn_id(self.key), &s.instance);
             out.extend_from_slice(&codec::encode_frame(
@@ -352,7 +357,7 @@ impl ConnTask {
             // Shut by the sweep while the response was being written.
             return Next::Close;
         }
-        s.mark_open(self.key);
+        s.mark_open(self.key, echo);
         Next::WebSocket
     }
 
@@ -495,6 +500,14 @@ impl ConnTask {
                 continue;
             }
             match msg {
+                Message::Text(text) if s.conns[key].echo => {
+                    let frame = codec::encode_frame(OpCode::Data(codec::Data::Text), &text);
+                    s.send_frame(key, frame);
+                }
+                Message::Binary(data) if s.conns[key].echo => {
+                    let frame = codec::encode_frame(OpCode::Data(codec::Data::Binary), &data);
+                    s.send_frame(key, frame);
+                }
                 Message::Text(text) => s.handle_text(key, &text),
                 Message::Binary(_) => {
                     s.metrics.protocol_closes += 1;

@@ -76,6 +76,9 @@ struct ServeArgs {
     /// Instance id used in connection ids [default: random at each start].
     #[arg(long, env = "RINGHUB_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Serve `GET /echo` (echoes every message; for conformance tests such as Autobahn).
+    #[arg(long, env = "RINGHUB_ECHO")]
+    echo: bool,
     /// Coordinate with other instances through Redis: `redis://[:password@]host:port[/db]`
     /// [default: none, embedded single-instance mode].
     #[arg(long, env = "RINGHUB_REDIS", value_parser = RedisConfig::from_url, hide_env_values = true)]
@@ -113,6 +116,7 @@ impl ServeArgs {
             api_key: self.api_key,
             max_http_body: None,
             instance_id: self.instance_id,
+            echo: self.echo,
             redis: self.redis.map(|mut r| {
                 if self.redis_password.is_some() {
                     r.password = self.redis_password;

@@ -95,6 +95,8 @@ pub struct Conn {
     pub upgraded: bool,
     /// A `subscribe` waits for the bus to confirm; the connection's further commands wait too.
     pub awaiting_ack: bool,
+    /// An `/echo` connection: messages are sent back instead of parsed as commands.
+    pub echo: bool,
     /// Frames waiting to be written (shared `Bytes`, so a fan-out frame exists once per shard).
     pub outbox: VecDeque<Bytes>,
     /// Bytes charged for `outbox` (frame lengths plus [`FRAME_OVERHEAD`] each).
@@ -319,6 +321,7 @@ impl Shard {
             phase: Phase::Http,
             upgraded: false,
             awaiting_ack: false,
+            echo: false,
             outbox: VecDeque::new(),
             queued: 0,
             waker: None,
@@ -341,10 +344,11 @@ impl Shard {
     }
 
     /// The HTTP upgrade succeeded: the connection is a WebSocket from now on.
-    pub fn mark_open(&mut self, key: usize) {
+    pub fn mark_open(&mut self, key: usize, echo: bool) {
         let tick = self.tick;
         let c = &mut self.conns[key];
         c.phase = Phase::Open;
+        c.echo = echo;
         c.upgraded = true;
         c.last_rx = tick;
         c.last_ping = tick;
