@@ -343,6 +343,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
+    let grace = config.shutdown_timeout + std::time::Duration::from_secs(3);
     let handle = start(config)?;
     let trigger = handle.shutdown_trigger();
     std::thread::Builder::new()
@@ -356,10 +357,21 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 "shutting down: closing clients with 1001 (send the signal again to exit now)"
             );
             trigger.shutdown();
-            // SAFETY: as above.
-            unsafe { libc::sigwait(&set, &mut sig) };
-            tracing::warn!(signal = sig, "second signal: exiting now");
-            std::process::exit(130);
+            // A second signal exits at once; and if the shards have not finished well after the
+            // shutdown timeout (they should have), exit anyway rather than hang.
+            let timeout = libc::timespec {
+                tv_sec: grace.as_secs() as libc::time_t,
+                tv_nsec: grace.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: valid pointers to an initialised sigset_t and timespec; a null siginfo is
+            // allowed.
+            let got = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+            if got > 0 {
+                tracing::warn!(signal = got, "second signal: exiting now");
+                std::process::exit(130);
+            }
+            tracing::error!("shutdown did not finish {grace:?} after the signal; exiting anyway");
+            std::process::exit(1);
         })
         .map_err(|e| ServerError::Shard {
             shard: 0,
