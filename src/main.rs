@@ -38,8 +38,8 @@ struct ServeArgs {
     #[arg(long, env = "RINGHUB_SHARDS")]
     shards: Option<usize>,
     /// Cores to pin the shards to, in shard order, e.g. `0,2-3` [default: 0, 1, 2, ...].
-    #[arg(long, env = "RINGHUB_CPUS", value_parser = parse_cpu_list)]
-    cpus: Option<Vec<usize>>,
+    #[arg(long, env = "RINGHUB_CPUS", value_parser = parse_cpus)]
+    cpus: Option<CpuList>,
     /// Do not pin shard threads to cores; leave placement to the kernel.
     #[arg(long, env = "RINGHUB_NO_PIN")]
     no_pin: bool,
@@ -96,13 +96,21 @@ struct ServeArgs {
     redis_prefix: String,
 }
 
+/// A parsed core list (a newtype: clap would treat a bare `Vec` as a multi-value flag).
+#[derive(Debug, Clone)]
+struct CpuList(Vec<usize>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    parse_cpu_list(s).map(CpuList)
+}
+
 impl ServeArgs {
     fn into_config(self) -> Config {
         let d = Config::default();
         Config {
             listen: self.listen,
             shards: self.shards.unwrap_or(d.shards),
-            cpus: self.cpus,
+            cpus: self.cpus.map(|c| c.0),
             pin: !self.no_pin,
             max_queued_bytes: self.max_queued_bytes,
             max_message_size: self.max_message_size,
