@@ -17,7 +17,7 @@ use crate::codec::{self, Decoder, Message, OpCode};
 use crate::http::{self, HttpLimits, Method, RequestHead};
 use crate::inbox::ShardMsg;
 use crate::protocol::{self, ErrorCode};
-use crate::shard::{self, Phase, ShardRef};
+use crate::shard::{Flush, Phase, ShardRef};
 use crate::sock::recv_into;
 use bytes::{Buf, BytesMut};
 use futures_util::future::{select, Either};
@@ -103,7 +103,9 @@ impl ConnTask {
                 Next::WebSocket => break,
             }
         }
-        self.ws_loop().await
+        if self.ws_loop().await == WsEnd::Linger {
+            Box::pin(self.linger()).await
+        }
     }
 
     /// Read one request head and answer it.
@@ -391,182 +393,219 @@ impl ConnTask {
 
     // ----- WebSocket -----
 
-    async fn ws_loop(&mut self) {
+    /// The WebSocket loop. The readiness poll stays armed across writes (it is only re-armed
+    /// after it fired): output is written by the shard's flusher, and this task wakes only for
+    /// input, a full socket, or a state change (a kick).
+    async fn ws_loop(&mut self) -> WsEnd {
+        let ConnTask {
+            shard,
+            key,
+            fd,
+            stream,
+            rbuf,
+            ..
+        } = self;
+        let (shard, key, fd) = (&*shard, *key, *fd);
+        let stream: &TcpStream = stream;
         let mut decoder = Decoder::new();
         // Frames pipelined right behind the upgrade request.
-        if !self.rbuf.is_empty() {
-            self.process(&mut decoder);
+        if !rbuf.is_empty() {
+            process(shard, key, rbuf, &mut decoder);
         }
+        let mut readable = pin!(stream.readable(false));
         loop {
-            if !self.flush().await {
-                return;
-            }
-            let (phase, blocked) = {
-                let s = self.shard.borrow();
-                let c = &s.conns[self.key];
-                (c.phase, c.awaiting_ack)
+            let (phase, awaiting_ack, write_blocked) = {
+                let s = shard.borrow();
+                let c = &s.conns[key];
+                (c.phase, c.awaiting_ack, c.write_blocked)
             };
-            match phase {
-                Phase::Dead => return,
-                Phase::FlushThenClose => return Box::pin(self.linger()).await,
-                Phase::Open | Phase::ClosingByUs | Phase::Http => {}
+            if phase == Phase::Dead {
+                return WsEnd::Drop;
             }
-            if blocked && phase == Phase::Open {
+            if write_blocked || phase == Phase::FlushThenClose {
+                // Write the rest ourselves, waiting for the socket to drain when it is full.
+                loop {
+                    let flushed = shard.borrow_mut().flush_conn(key);
+                    match flushed {
+                        Flush::Drained => break,
+                        Flush::Failed => return WsEnd::Drop,
+                        Flush::Blocked => {
+                            shard.borrow_mut().conns[key].write_blocked = true;
+                            if stream.writable(false).await.is_err() {
+                                return WsEnd::Drop;
+                            }
+                            if shard.borrow().conns[key].phase == Phase::Dead {
+                                return WsEnd::Drop;
+                            }
+                        }
+                    }
+                }
+                shard.borrow_mut().conns[key].write_blocked = false;
+                if phase == Phase::FlushThenClose {
+                    return WsEnd::Linger;
+                }
+                continue;
+            }
+            if awaiting_ack && phase == Phase::Open {
                 // A subscribe waits for the bus: read nothing more until it is released (a kick),
                 // then handle what is already buffered.
-                outbox_ready(&self.shard, self.key).await;
-                if !self.rbuf.is_empty() {
-                    self.process(&mut decoder);
+                kicked(shard, key).await;
+                if !rbuf.is_empty() {
+                    process(shard, key, rbuf, &mut decoder);
                 }
                 continue;
             }
-            // Wait for input or output, whichever comes first.
-            let readable = {
-                let output = outbox_ready(&self.shard, self.key);
-                match select(pin!(self.stream.readable(false)), pin!(output)).await {
-                    Either::Left((res, _)) => Some(res),
-                    Either::Right(_) => None,
+            if !rbuf.is_empty() {
+                // Commands buffered while a subscribe was held (the hold may have been released
+                // while this task was doing something else): handle them before waiting.
+                let before = rbuf.len();
+                process(shard, key, rbuf, &mut decoder);
+                if rbuf.len() != before {
+                    continue;
                 }
+            }
+            // Wait for input or a kick, whichever comes first.
+            let input = match select(readable.as_mut(), pin!(kicked(shard, key))).await {
+                Either::Left((res, _)) => Some(res),
+                Either::Right(_) => None,
             };
-            match readable {
-                Some(Ok(())) if !self.read_ws(&mut decoder) => {
+            if let Some(res) = input {
+                readable.set(stream.readable(false));
+                if res.is_err() || !read_ws(shard, key, fd, rbuf, &mut decoder) {
                     // End of input: still send what is queued (e.g. the reply to a close frame
                     // that arrived together with the FIN).
-                    self.flush().await;
-                    return;
-                }
-                Some(Err(_)) => return,
-                _ => {}
-            }
-        }
-    }
-
-    /// Write everything queued, one batch per `writev`. False when the socket failed.
-    async fn flush(&mut self) -> bool {
-        loop {
-            let batch = self.shard.borrow_mut().take_batch(self.key);
-            let Some(batch) = batch else { return true };
-            // Boxed: the in-flight write's state exists only while a batch is being written,
-            // not in every idle connection's task.
-            let (res, batch) = Box::pin(shard::write_batch(&mut self.stream, batch)).await;
-            match res {
-                Ok(n) => self.shard.borrow_mut().batch_done(n, batch),
-                Err(_) => return false,
-            }
-        }
-    }
-
-    /// Read what the socket has (up to a budget) and process it. Returns false when the
-    /// connection is finished (end of stream or error).
-    fn read_ws(&mut self, decoder: &mut Decoder) -> bool {
-        let mut total = 0;
-        let mut alive = true;
-        while total < READ_BUDGET {
-            self.rbuf.reserve(READ_CHUNK);
-            match recv_into(self.fd, &mut self.rbuf) {
-                Ok(0) => {
-                    alive = false;
-                    break;
-                }
-                Ok(n) => {
-                    total += n;
-                    self.process(decoder);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    alive = false;
-                    break;
-                }
-            }
-        }
-        if self.rbuf.is_empty() {
-            // Idle connections hold no read buffer.
-            self.rbuf = BytesMut::new();
-        }
-        alive
-    }
-
-    /// Decode and handle every complete frame in `rbuf`.
-    fn process(&mut self, decoder: &mut Decoder) {
-        let mut s = self.shard.borrow_mut();
-        let key = self.key;
-        let limits = s.limits;
-        let tick = s.tick;
-        s.conns[key].last_rx = tick;
-        loop {
-            let phase = s.conns[key].phase;
-            if phase == Phase::Open && s.conns[key].awaiting_ack {
-                // Commands wait (in rbuf) until the held subscribe is confirmed.
-                return;
-            }
-            if !matches!(phase, Phase::Open | Phase::ClosingByUs) {
-                // Nothing more is read once we are closing the socket.
-                self.rbuf.clear();
-                return;
-            }
-            let msg = match decoder.decode(&mut self.rbuf, &limits) {
-                Ok(Some(msg)) => msg,
-                Ok(None) => return,
-                Err(e) => {
-                    s.metrics.protocol_closes += 1;
-                    if e.close_code() == 1009 && phase == Phase::Open {
-                        let msg = format!(
-                            "a frame or message is larger than the limit of {} bytes",
-                            limits.max_message_size
-                        );
-                        s.send_error(key, None, ErrorCode::MessageTooLarge, &msg);
-                    }
-                    s.close_after_flush(key, Some(codec::encode_close(e.close_code(), e.reason())));
-                    self.rbuf.clear();
-                    return;
-                }
-            };
-            if phase == Phase::ClosingByUs {
-                // Waiting for the peer's close: everything else is discarded.
-                if let Message::Close(_) = msg {
-                    s.close_after_flush(key, None);
-                }
-                continue;
-            }
-            match msg {
-                Message::Text(text) if s.conns[key].echo => {
-                    let frame = codec::encode_frame(OpCode::Data(codec::Data::Text), &text);
-                    s.send_frame(key, frame);
-                }
-                Message::Binary(data) if s.conns[key].echo => {
-                    let frame = codec::encode_frame(OpCode::Data(codec::Data::Binary), &data);
-                    s.send_frame(key, frame);
-                }
-                Message::Text(text) => s.handle_text(key, &text),
-                Message::Binary(_) => {
-                    s.metrics.protocol_closes += 1;
-                    let close = codec::encode_close(1003, "binary frames are not supported");
-                    s.close_after_flush(key, Some(close));
-                }
-                Message::Ping(payload) => {
-                    let pong = codec::encode_frame(OpCode::Control(codec::Control::Pong), &payload);
-                    s.send_frame(key, pong);
-                }
-                Message::Pong(_) => {}
-                Message::Close(code) => {
-                    let reply = match code {
-                        Some((code, _)) => codec::encode_close(code, ""),
-                        None => codec::encode_frame(OpCode::Control(codec::Control::Close), b""),
-                    };
-                    s.close_after_flush(key, Some(reply));
+                    shard.borrow_mut().flush_conn(key);
+                    return WsEnd::Drop;
                 }
             }
         }
     }
 }
 
-/// Resolves when the connection has output queued or must re-check its phase.
-async fn outbox_ready(shard: &ShardRef, key: usize) {
+/// How the WebSocket loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WsEnd {
+    /// Output flushed: half-close and wait for the peer's FIN.
+    Linger,
+    /// The socket is finished (peer gone, error, or shut by the sweep).
+    Drop,
+}
+
+/// Read what the socket has (up to a budget) and process it. Returns false when the
+/// connection is finished (end of stream or error).
+fn read_ws(
+    shard: &ShardRef,
+    key: usize,
+    fd: RawFd,
+    rbuf: &mut BytesMut,
+    decoder: &mut Decoder,
+) -> bool {
+    let mut total = 0;
+    let mut alive = true;
+    while total < READ_BUDGET {
+        rbuf.reserve(READ_CHUNK);
+        match recv_into(fd, rbuf) {
+            Ok(0) => {
+                alive = false;
+                break;
+            }
+            Ok(n) => {
+                total += n;
+                process(shard, key, rbuf, decoder);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                alive = false;
+                break;
+            }
+        }
+    }
+    if rbuf.is_empty() {
+        // Idle connections hold no read buffer.
+        *rbuf = BytesMut::new();
+    }
+    alive
+}
+
+/// Decode and handle every complete frame in `rbuf`.
+fn process(shard: &ShardRef, key: usize, rbuf: &mut BytesMut, decoder: &mut Decoder) {
+    let mut s = shard.borrow_mut();
+    let limits = s.limits;
+    let tick = s.tick;
+    s.conns[key].last_rx = tick;
+    loop {
+        let phase = s.conns[key].phase;
+        if phase == Phase::Open && s.conns[key].awaiting_ack {
+            // Commands wait (in rbuf) until the held subscribe is confirmed.
+            return;
+        }
+        if !matches!(phase, Phase::Open | Phase::ClosingByUs) {
+            // Nothing more is read once we are closing the socket.
+            rbuf.clear();
+            return;
+        }
+        let msg = match decoder.decode(rbuf, &limits) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return,
+            Err(e) => {
+                s.metrics.protocol_closes += 1;
+                if e.close_code() == 1009 && phase == Phase::Open {
+                    let msg = format!(
+                        "a frame or message is larger than the limit of {} bytes",
+                        limits.max_message_size
+                    );
+                    s.send_error(key, None, ErrorCode::MessageTooLarge, &msg);
+                }
+                s.close_after_flush(key, Some(codec::encode_close(e.close_code(), e.reason())));
+                rbuf.clear();
+                return;
+            }
+        };
+        if phase == Phase::ClosingByUs {
+            // Waiting for the peer's close: everything else is discarded.
+            if let Message::Close(_) = msg {
+                s.close_after_flush(key, None);
+            }
+            continue;
+        }
+        match msg {
+            Message::Text(text) if s.conns[key].echo => {
+                let frame = codec::encode_frame(OpCode::Data(codec::Data::Text), &text);
+                s.send_frame(key, frame);
+            }
+            Message::Binary(data) if s.conns[key].echo => {
+                let frame = codec::encode_frame(OpCode::Data(codec::Data::Binary), &data);
+                s.send_frame(key, frame);
+            }
+            Message::Text(text) => s.handle_text(key, &text),
+            Message::Binary(_) => {
+                s.metrics.protocol_closes += 1;
+                let close = codec::encode_close(1003, "binary frames are not supported");
+                s.close_after_flush(key, Some(close));
+            }
+            Message::Ping(payload) => {
+                let pong = codec::encode_frame(OpCode::Control(codec::Control::Pong), &payload);
+                s.send_frame(key, pong);
+            }
+            Message::Pong(_) => {}
+            Message::Close(code) => {
+                let reply = match code {
+                    Some((code, _)) => codec::encode_close(code, ""),
+                    None => codec::encode_frame(OpCode::Control(codec::Control::Close), b""),
+                };
+                s.close_after_flush(key, Some(reply));
+            }
+        }
+    }
+}
+
+/// Resolves when the connection's task must re-check its state (a kick, or the socket was shut).
+async fn kicked(shard: &ShardRef, key: usize) {
     poll_fn(|cx| {
         let mut s = shard.borrow_mut();
         let c = &mut s.conns[key];
-        if !c.outbox.is_empty() || c.kick {
+        if c.kick || c.phase == Phase::Dead {
             c.kick = false;
             Poll::Ready(())
         } else {

@@ -76,7 +76,10 @@ pub enum LinkState {
     Connecting,
     /// Connected; AUTH (and SELECT) sent, replies awaited.
     Authenticating,
-    /// Usable: commands flow (the subscriber has re-sent its subscriptions).
+    /// Subscriber only: connected, re-subscriptions sent after a (re)connect, confirmations
+    /// awaited. Commands flow, but `/readyz` still says not ready.
+    Subscribing,
+    /// Usable: commands flow (the subscriber's subscriptions are confirmed).
     Ready,
     /// Failed; waiting before the next attempt.
     BackingOff,
@@ -123,6 +126,8 @@ struct LinkIo {
     ping_sent: Option<Instant>,
     /// The last state change was logged as "down" (so repeated failures log once).
     logged_down: bool,
+    /// Subscriber: re-subscriptions sent on connect and not yet confirmed.
+    resubscribing: usize,
 }
 
 impl LinkIo {
@@ -134,6 +139,7 @@ impl LinkIo {
             awaiting: 0,
             ping_sent: None,
             logged_down: false,
+            resubscribing: 0,
         }
     }
 
@@ -215,10 +221,18 @@ impl Links {
         self.readiness.set(self.shard, up);
     }
 
+    /// Whether the subscriber link can take commands.
+    fn sub_connected(&self) -> bool {
+        matches!(
+            self.subscriber.state,
+            LinkState::Subscribing | LinkState::Ready
+        )
+    }
+
     /// The shard gained its first local subscriber of `channel`.
     fn want(&mut self, channel: &str) {
         let key = self.key(channel);
-        let ready = self.subscriber.state == LinkState::Ready;
+        let ready = self.sub_connected();
         let chan = self.channels.entry(channel.into()).or_default();
         chan.wanted = true;
         if ready && !chan.will_be_subscribed() {
@@ -230,7 +244,7 @@ impl Links {
     /// The shard lost its last local subscriber of `channel`.
     fn unwant(&mut self, channel: &str) {
         let key = self.key(channel);
-        let ready = self.subscriber.state == LinkState::Ready;
+        let ready = self.sub_connected();
         let Some(chan) = self.channels.get_mut(channel) else {
             return;
         };
@@ -245,7 +259,7 @@ impl Links {
 
     /// Whether a subscribe to `channel` is sent but not yet confirmed (only while the link is up).
     fn pending(&self, channel: &str) -> bool {
-        self.subscriber.state == LinkState::Ready
+        self.sub_connected()
             && self
                 .channels
                 .get(channel)
@@ -258,9 +272,21 @@ impl Links {
         let Some(chan) = self.channels.get_mut(channel) else {
             return false;
         };
-        if chan.inflight.front() == Some(&cmd) {
+        let first_is_cmd = chan.inflight.front() == Some(&cmd);
+        if first_is_cmd {
             chan.inflight.pop_front();
         }
+        if cmd == Cmd::Sub && self.subscriber.resubscribing > 0 {
+            self.subscriber.resubscribing -= 1;
+            if self.subscriber.resubscribing == 0 && self.subscriber.state == LinkState::Subscribing
+            {
+                self.subscriber.state = LinkState::Ready;
+                self.update_readiness();
+            }
+        }
+        let Some(chan) = self.channels.get_mut(channel) else {
+            return false;
+        };
         chan.subscribed = cmd == Cmd::Sub;
         let release = cmd == Cmd::Sub && !chan.inflight.contains(&Cmd::Unsub);
         if !chan.wanted && chan.inflight.is_empty() && !chan.subscribed {
@@ -274,6 +300,7 @@ impl Links {
         let shard = self.shard;
         let io = self.io(role);
         io.state = LinkState::Ready;
+        io.resubscribing = 0;
         if io.logged_down {
             tracing::info!(shard, ?role, "Redis link is back up");
         } else {
@@ -299,6 +326,11 @@ impl Links {
                     }
                 }
             }
+            if !wanted.is_empty() {
+                // Ready (for /readyz) once Redis confirmed every re-subscription.
+                self.subscriber.resubscribing = wanted.len();
+                self.subscriber.state = LinkState::Subscribing;
+            }
         }
         self.update_readiness();
     }
@@ -313,6 +345,7 @@ impl Links {
         io.out.clear();
         io.awaiting = 0;
         io.ping_sent = None;
+        io.resubscribing = 0;
         if !io.logged_down {
             if was == LinkState::Ready {
                 tracing::warn!(shard, ?role, %addr, error = why, "Redis link down; reconnecting with backoff");
@@ -607,6 +640,13 @@ fn handle_frame(
             Ok(())
         }
         Role::Subscriber => {
+            if let Frame::Simple(s) = &frame {
+                // A subscriber link with no subscriptions answers PING like any connection.
+                if s.eq_ignore_ascii_case(b"PONG") {
+                    links.borrow_mut().subscriber.ping_sent = None;
+                }
+                return Ok(());
+            }
             if let Frame::Error(e) = &frame {
                 return Err(io::Error::other(format!(
                     "Redis error on the subscriber link: {}",
@@ -777,5 +817,31 @@ mod tests {
         assert!(!ready.all());
         let mut b = RedisBroker::new(l);
         assert_eq!(b.publish("c", b"1"), Err(BrokerError::Unavailable));
+    }
+    #[test]
+    fn readiness_waits_for_resubscriptions_after_a_reconnect() {
+        let cfg = Arc::new(RedisConfig::from_url("redis://127.0.0.1:1").unwrap());
+        let ready = Readiness::new(1, false);
+        let l = Links::new(cfg, 0, ready.clone());
+        l.borrow_mut().on_ready(Role::Publisher);
+        l.borrow_mut().on_ready(Role::Subscriber);
+        l.borrow_mut().want("a");
+        l.borrow_mut().want("b");
+        l.borrow_mut().on_down(Role::Subscriber, "test");
+        l.borrow_mut().on_ready(Role::Subscriber);
+        assert_eq!(l.borrow().subscriber.state, LinkState::Subscribing);
+        assert!(
+            !ready.all(),
+            "not ready until Redis confirmed the re-subscriptions"
+        );
+        assert!(
+            l.borrow().pending("a"),
+            "a new subscriber of `a` waits for the confirmation"
+        );
+        l.borrow_mut().confirmed("a", Cmd::Sub);
+        assert!(!ready.all());
+        l.borrow_mut().confirmed("b", Cmd::Sub);
+        assert!(ready.all());
+        assert_eq!(l.borrow().subscriber.state, LinkState::Ready);
     }
 }

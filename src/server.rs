@@ -320,6 +320,7 @@ fn shard_main(ctx: ShardStart) {
         )));
         monoio::spawn(shard::accept_loop(shard.clone(), listener));
         monoio::spawn(shard::inbox_loop(shard.clone()));
+        monoio::spawn(shard::flush_loop(shard.clone()));
         if let Some(links) = links {
             crate::redis::spawn_links(shard.clone(), links);
         }

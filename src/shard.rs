@@ -15,9 +15,11 @@
 //! # Hot path (read it here)
 //! client publish → `conn.rs` decodes the frame → [`Shard::handle_text`] →
 //! [`Shard::publish`] → broker routes to other shards → [`Shard::deliver_local`] builds the frame
-//! ONCE and pushes a refcounted clone into each subscriber's outbox, waking its task →
-//! each subscriber's task takes its whole outbox as one batch ([`Shard::take_batch`]) and writes it
-//! with one `writev`. A subscriber whose outbox passes `max_queued_bytes` is cut off with 1013.
+//! ONCE and pushes a refcounted clone into each subscriber's outbox, marking it dirty →
+//! when the current task yields, the shard's flusher ([`flush_loop`]) writes each dirty
+//! connection's whole outbox with one non-blocking `sendmsg` (gather I/O straight from the
+//! outbox's frames: nothing is copied, nothing stays in flight). A subscriber whose outbox passes
+//! `max_queued_bytes` is cut off with 1013.
 
 use crate::broker::{Broker, BrokerError, Route};
 use crate::codec::{self, OpCode};
@@ -41,11 +43,6 @@ use std::time::Duration;
 /// The shard as its tasks see it.
 pub type ShardRef = Rc<RefCell<Shard>>;
 
-/// Frames taken from an outbox per write: bounded so one `writev` stays under IOV_MAX and one
-/// connection cannot monopolise a turn of the loop.
-const BATCH_MAX_FRAMES: usize = 512;
-/// Bytes taken from an outbox per write.
-const BATCH_MAX_BYTES: usize = 512 << 10;
 /// Bookkeeping charged per queued frame on top of its length (the `Bytes` handle and deque slot),
 /// so a flood of tiny frames is bounded too.
 pub const FRAME_OVERHEAD: usize = 32;
@@ -101,10 +98,18 @@ pub struct Conn {
     pub outbox: VecDeque<Bytes>,
     /// Bytes charged for `outbox` (frame lengths plus [`FRAME_OVERHEAD`] each).
     pub queued: usize,
-    /// The connection task's waker while it waits for output.
+    /// The connection task's waker while it waits (for input, or for a kick).
     pub waker: Option<Waker>,
-    /// Set when the task must re-check its phase even with an empty outbox.
+    /// Set when the task must re-check its state (phase change, socket full, ack released).
     pub kick: bool,
+    /// In the shard's dirty list: output queued since the last flush.
+    pub dirty: bool,
+    /// The front frame of the outbox was partly written: it must be finished before anything
+    /// else (dropping it would corrupt the stream).
+    pub front_partial: bool,
+    /// The socket's send buffer was full: the connection's own task waits for writability and
+    /// flushes; the flusher leaves it alone until then.
+    pub write_blocked: bool,
     /// Sweep tick of the last bytes received.
     pub last_rx: u32,
     /// Sweep tick of the last ping sent.
@@ -142,94 +147,19 @@ impl Ticks {
     }
 }
 
-/// A batch of frames owned together with their iovecs: passed by value to `writev` and never
-/// dropped while the write is in flight (see MONOIO-NOTES, cancellation).
-#[derive(Default)]
-pub struct WriteBatch {
-    frames: Vec<Bytes>,
-    /// Index of the first frame not fully written.
-    pos: usize,
-    iovecs: Vec<libc::iovec>,
+/// The outcome of writing a connection's outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Everything queued was handed to the kernel.
+    Drained,
+    /// The socket's send buffer is full; the rest waits for writability.
+    Blocked,
+    /// The socket failed (peer gone); the connection must end.
+    Failed,
 }
 
-impl WriteBatch {
-    fn is_done(&self) -> bool {
-        self.pos >= self.frames.len()
-    }
-
-    /// Total bytes still to write.
-    pub fn remaining(&self) -> usize {
-        self.frames[self.pos..].iter().map(|f| f.len()).sum()
-    }
-
-    /// Rebuild the iovec array for the frames not yet written.
-    fn prepare(&mut self) {
-        self.iovecs.clear();
-        for f in &self.frames[self.pos..] {
-            self.iovecs.push(libc::iovec {
-                iov_base: f.as_ptr() as *mut libc::c_void,
-                iov_len: f.len(),
-            });
-        }
-    }
-
-    /// Account for `n` bytes written.
-    fn advance(&mut self, mut n: usize) {
-        while n > 0 && self.pos < self.frames.len() {
-            let f = &mut self.frames[self.pos];
-            if f.len() <= n {
-                n -= f.len();
-                self.pos += 1;
-            } else {
-                bytes::Buf::advance(f, n);
-                n = 0;
-            }
-        }
-    }
-
-    fn clear(&mut self) {
-        self.frames.clear();
-        self.iovecs.clear();
-        self.pos = 0;
-    }
-}
-
-// SAFETY: the iovecs point into `frames`, whose `Bytes` keep their heap data alive and unmoved
-// for as long as the batch exists; `iovecs` is not modified while the runtime owns the batch
-// (only `prepare`/`advance`, called between writes, touch it), so the pointer and length stay
-// valid for the duration of the operation.
-unsafe impl monoio::buf::IoVecBuf for WriteBatch {
-    fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iovecs.as_ptr()
-    }
-    fn read_iovec_len(&self) -> usize {
-        self.iovecs.len()
-    }
-}
-
-/// Write a whole batch with `writev`, continuing after partial writes. Returns bytes written.
-/// The batch is owned by the in-flight operation and handed back; it is never dropped mid-write.
-pub async fn write_batch(
-    stream: &mut monoio::net::TcpStream,
-    mut batch: WriteBatch,
-) -> (std::io::Result<usize>, WriteBatch) {
-    use monoio::io::AsyncWriteRent;
-    let mut total = 0;
-    while !batch.is_done() {
-        batch.prepare();
-        let (res, b) = stream.writev(batch).await;
-        batch = b;
-        match res {
-            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), batch),
-            Ok(n) => {
-                total += n;
-                batch.advance(n);
-            }
-            Err(e) => return (Err(e), batch),
-        }
-    }
-    (Ok(total), batch)
-}
+/// Frames per `sendmsg` (well under IOV_MAX).
+const IOV_BATCH: usize = 512;
 
 /// Everything one core owns.
 pub struct Shard {
@@ -256,8 +186,12 @@ pub struct Shard {
     sweep_waker: Option<Waker>,
     /// Connections that overflowed during the current fan-out (closed right after it).
     slow: Vec<usize>,
-    /// Recycled write batches (keeps their Vec capacity).
-    spare_batches: Vec<WriteBatch>,
+    /// Connections with output queued since the last flush.
+    dirty: Vec<usize>,
+    /// Wakes the flusher when the dirty list becomes non-empty.
+    flusher_waker: Option<Waker>,
+    /// Scratch iovec array for `sendmsg` (reused).
+    iov: Vec<libc::iovec>,
     /// `subscribed` acks held until the bus confirms the channel's subscription.
     pending_acks: HashMap<Box<str>, Vec<PendingAck>>,
 }
@@ -304,7 +238,9 @@ impl Shard {
             accept_waker: None,
             sweep_waker: None,
             slow: Vec::new(),
-            spare_batches: Vec::new(),
+            dirty: Vec::new(),
+            flusher_waker: None,
+            iov: Vec::with_capacity(IOV_BATCH),
             pending_acks: HashMap::new(),
         }
     }
@@ -326,6 +262,9 @@ impl Shard {
             queued: 0,
             waker: None,
             kick: false,
+            dirty: false,
+            front_partial: false,
+            write_blocked: false,
             last_rx: tick,
             last_ping: tick,
             deadline: tick.wrapping_add(self.ticks.handshake),
@@ -376,18 +315,48 @@ impl Shard {
     // ----- outbox -----
 
     /// Queue a frame for one connection. Returns false when the connection's budget is exceeded
-    /// (the caller closes it as a slow consumer).
-    fn enqueue(c: &mut Conn, frame: Bytes, limit: usize) -> bool {
+    /// (the caller closes it as a slow consumer). The connection is put on the dirty list; the
+    /// flusher writes it when the current task yields.
+    fn enqueue(
+        c: &mut Conn,
+        key: usize,
+        frame: Bytes,
+        limit: usize,
+        dirty: &mut Vec<usize>,
+    ) -> bool {
         let cost = frame.len() + FRAME_OVERHEAD;
         if c.queued + cost > limit {
             return false;
         }
         c.queued += cost;
         c.outbox.push_back(frame);
+        Self::mark_dirty(c, key, dirty);
+        true
+    }
+
+    /// Put a connection with queued output on the dirty list (once).
+    fn mark_dirty(c: &mut Conn, key: usize, dirty: &mut Vec<usize>) {
+        if !c.dirty {
+            c.dirty = true;
+            dirty.push(key);
+        }
+    }
+
+    /// Wake the flusher if there is work (call after queueing).
+    fn wake_flusher(&mut self) {
+        if !self.dirty.is_empty() {
+            if let Some(w) = self.flusher_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Wake a connection's task so it re-checks its state.
+    fn kick(c: &mut Conn) {
+        c.kick = true;
         if let Some(w) = c.waker.take() {
             w.wake();
         }
-        true
     }
 
     /// Queue a control or reply frame to `key`; cuts the connection off if it overflows.
@@ -399,7 +368,9 @@ impl Shard {
         if matches!(c.phase, Phase::Dead) {
             return;
         }
-        if !Self::enqueue(c, frame, limit) {
+        if Self::enqueue(c, key, frame, limit, &mut self.dirty) {
+            self.wake_flusher();
+        } else {
             self.close_slow(key);
         }
     }
@@ -424,39 +395,101 @@ impl Shard {
         self.send_text(key, &protocol::error(id, code, message));
     }
 
-    /// Take up to one batch of queued frames for writing (the connection task calls this).
-    pub fn take_batch(&mut self, key: usize) -> Option<WriteBatch> {
-        let c = self.conns.get_mut(key)?;
-        if c.outbox.is_empty() {
-            return None;
-        }
-        let mut batch = self.spare_batches.pop().unwrap_or_default();
-        let mut bytes = 0;
-        while let Some(f) = c.outbox.front() {
-            if !batch.frames.is_empty()
-                && (batch.frames.len() >= BATCH_MAX_FRAMES || bytes + f.len() > BATCH_MAX_BYTES)
-            {
-                break;
+    /// Write as much of a connection's outbox as its socket takes now: one `sendmsg` per up to
+    /// [`IOV_BATCH`] frames, straight from the shared frames (no copy), never blocking.
+    pub fn flush_conn(&mut self, key: usize) -> Flush {
+        let Some(c) = self.conns.get_mut(key) else {
+            return Flush::Failed;
+        };
+        loop {
+            if c.outbox.is_empty() {
+                if c.outbox.capacity() > 64 {
+                    // Give back the memory of a burst once it has drained.
+                    c.outbox = VecDeque::new();
+                }
+                return Flush::Drained;
             }
-            bytes += f.len();
-            c.queued -= f.len() + FRAME_OVERHEAD;
-            batch
-                .frames
-                .push(c.outbox.pop_front().expect("front exists"));
+            self.iov.clear();
+            let mut total = 0;
+            for f in c.outbox.iter().take(IOV_BATCH) {
+                total += f.len();
+                self.iov.push(libc::iovec {
+                    iov_base: f.as_ptr() as *mut libc::c_void,
+                    iov_len: f.len(),
+                });
+            }
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iov.as_mut_ptr();
+            msg.msg_iovlen = self.iov.len() as _;
+            // SAFETY: `fd` is this connection's live socket (the entry exists); the iovecs point
+            // into frames owned by the outbox, which is not touched until the call returns.
+            let n = unsafe { libc::sendmsg(c.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if n < 0 {
+                match std::io::Error::last_os_error().kind() {
+                    std::io::ErrorKind::WouldBlock => return Flush::Blocked,
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => return Flush::Failed,
+                }
+            }
+            let mut n = n as usize;
+            self.metrics.bytes_written += n as u64;
+            let short = n < total;
+            while n > 0 {
+                let f = c
+                    .outbox
+                    .front_mut()
+                    .expect("written bytes come from queued frames");
+                if f.len() <= n {
+                    n -= f.len();
+                    c.queued -= f.len() + FRAME_OVERHEAD;
+                    c.outbox.pop_front();
+                    c.front_partial = false;
+                } else {
+                    bytes::Buf::advance(f, n);
+                    c.queued -= n;
+                    c.front_partial = true;
+                    n = 0;
+                }
+            }
+            if short {
+                // The kernel took less than offered: its buffer is full.
+                return Flush::Blocked;
+            }
         }
-        if c.outbox.is_empty() && c.outbox.capacity() > 64 {
-            // Give back the memory of a burst once it has drained.
-            c.outbox = VecDeque::new();
-        }
-        Some(batch)
     }
 
-    /// A batch finished writing `n` bytes: count it and recycle the batch.
-    pub fn batch_done(&mut self, n: usize, mut batch: WriteBatch) {
-        self.metrics.bytes_written += n as u64;
-        batch.clear();
-        if self.spare_batches.len() < 64 {
-            self.spare_batches.push(batch);
+    /// Flush every dirty connection (the flusher's turn). Connections whose socket is full, failed,
+    /// or that must close once drained are handed to their own tasks.
+    fn flush_dirty(&mut self) {
+        let mut keys = std::mem::take(&mut self.dirty);
+        for &key in &keys {
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
+            c.dirty = false;
+            if c.write_blocked || c.phase == Phase::Dead {
+                continue;
+            }
+            match self.flush_conn(key) {
+                Flush::Drained => {
+                    let c = &mut self.conns[key];
+                    if c.phase == Phase::FlushThenClose {
+                        Self::kick(c);
+                    }
+                }
+                Flush::Blocked => {
+                    let c = &mut self.conns[key];
+                    c.write_blocked = true;
+                    Self::kick(c);
+                }
+                Flush::Failed => Self::kill(&mut self.conns[key]),
+            }
+        }
+        keys.clear();
+        if self.dirty.is_empty() {
+            // Keep the list's capacity for the next turn.
+            self.dirty = keys;
         }
     }
 
@@ -473,8 +506,10 @@ impl Shard {
             return;
         }
         if drop_queued {
-            c.outbox.clear();
-            c.queued = 0;
+            // Keep a partly written frame: the peer must receive it whole before our close.
+            let keep = if c.front_partial { 1 } else { 0 };
+            c.outbox.truncate(keep);
+            c.queued = c.outbox.iter().map(|f| f.len() + FRAME_OVERHEAD).sum();
         }
         // The close frame always fits: it bypasses the budget.
         let frame = codec::encode_close(code, reason);
@@ -482,10 +517,9 @@ impl Shard {
         c.outbox.push_back(frame);
         c.phase = Phase::ClosingByUs;
         c.deadline = deadline;
-        c.kick = true;
-        if let Some(w) = c.waker.take() {
-            w.wake();
-        }
+        Self::mark_dirty(c, key, &mut self.dirty);
+        Self::kick(c);
+        self.wake_flusher();
     }
 
     /// Fail the connection (protocol error) or answer the peer's close: queue the close frame,
@@ -501,7 +535,8 @@ impl Shard {
         }
         c.phase = Phase::FlushThenClose;
         c.deadline = deadline;
-        c.kick = true;
+        // The task flushes what is left itself, then half-closes and lingers.
+        Self::kick(c);
     }
 
     /// Cut off a slow consumer: drop its backlog and close with 1013.
@@ -520,10 +555,7 @@ impl Shard {
             libc::shutdown(c.fd, libc::SHUT_RDWR);
         }
         c.phase = Phase::Dead;
-        c.kick = true;
-        if let Some(w) = c.waker.take() {
-            w.wake();
-        }
+        Self::kick(c);
     }
 
     // ----- client commands (hot path) -----
@@ -631,10 +663,7 @@ impl Shard {
             return;
         }
         c.awaiting_ack = false;
-        c.kick = true;
-        if let Some(w) = c.waker.take() {
-            w.wake();
-        }
+        Self::kick(c);
         self.send_text(
             ack.key,
             &protocol::ack("subscribed", channel, ack.id.as_deref()),
@@ -678,13 +707,14 @@ impl Shard {
             if c.phase != Phase::Open {
                 continue;
             }
-            if Self::enqueue(c, frame.clone(), limit) {
+            if Self::enqueue(c, key, frame.clone(), limit, &mut self.dirty) {
                 delivered += 1;
             } else {
                 self.slow.push(key);
             }
         }
         self.metrics.messages_delivered += delivered;
+        self.wake_flusher();
         while let Some(key) = self.slow.pop() {
             self.close_slow(key);
         }
@@ -777,7 +807,7 @@ impl Shard {
                         to_close.push((key, 1001, "idle timeout"));
                     } else if now.wrapping_sub(c.last_ping) >= t.ping {
                         c.last_ping = now;
-                        if !Self::enqueue(c, ping.clone(), limit) {
+                        if !Self::enqueue(c, key, ping.clone(), limit, &mut self.dirty) {
                             self.slow.push(key);
                         }
                     }
@@ -792,6 +822,7 @@ impl Shard {
         while let Some(key) = self.slow.pop() {
             self.close_slow(key);
         }
+        self.wake_flusher();
     }
 }
 
@@ -831,6 +862,25 @@ pub async fn accept_loop(shard: ShardRef, listener: monoio::net::TcpListener) {
         }
     }
     // Dropping the listener here stops the kernel from routing new connections to this shard.
+}
+
+/// The shard's writer: runs after the tasks that queued output yield, so everything queued in a
+/// turn (all messages a publisher's read produced, to every subscriber) goes out with one
+/// `sendmsg` per connection.
+pub async fn flush_loop(shard: ShardRef) {
+    loop {
+        std::future::poll_fn(|cx| {
+            let mut s = shard.borrow_mut();
+            if s.dirty.is_empty() {
+                s.flusher_waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        shard.borrow_mut().flush_dirty();
+    }
 }
 
 /// Drain the inbox whenever another thread pushes to it.
