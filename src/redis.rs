@@ -436,82 +436,150 @@ async fn run_link(shard: ShardRef, links: Rc<RefCell<Links>>, role: Role) {
     }
 }
 
+/// A connection to Redis for request/response use (the links' sessions and the registry):
+/// TCP connect, then AUTH (and SELECT), then pipelined commands and their replies.
+pub struct RedisConn {
+    pub stream: TcpStream,
+    fd: i32,
+    rbuf: BytesMut,
+    /// Stateful: remembers how far it checked a frame that is still arriving.
+    parser: resp::Parser,
+    limits: resp::Limits,
+}
+
+impl RedisConn {
+    /// Open the TCP connection (bounded by [`CONNECT_TIMEOUT`]).
+    pub async fn open(cfg: &RedisConfig) -> io::Result<RedisConn> {
+        let connect = async {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&cfg.addr)?
+                .next()
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "no address for Redis host")
+                })?;
+            TcpStream::connect(addr).await
+        };
+        let stream = match monoio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(res) => res?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(RedisConn {
+            fd: stream.as_raw_fd(),
+            stream,
+            rbuf: BytesMut::with_capacity(16 << 10),
+            parser: resp::Parser::new(),
+            limits: resp::Limits::default(),
+        })
+    }
+
+    /// AUTH when a password is configured, SELECT when asked and the db is not 0; an error reply
+    /// fails the handshake (bounded by [`CONNECT_TIMEOUT`]).
+    pub async fn handshake(&mut self, cfg: &RedisConfig, select_db: bool) -> io::Result<()> {
+        let mut hello = BytesMut::new();
+        let mut expected = 0;
+        if let Some(pw) = &cfg.password {
+            match &cfg.username {
+                Some(user) => {
+                    resp::encode_command(&mut hello, &[b"AUTH", user.as_bytes(), pw.as_bytes()])
+                }
+                None => resp::encode_command(&mut hello, &[b"AUTH", pw.as_bytes()]),
+            }
+            expected += 1;
+        }
+        if select_db && cfg.db != 0 {
+            let db = cfg.db.to_string();
+            resp::encode_command(&mut hello, &[b"SELECT", db.as_bytes()]);
+            expected += 1;
+        }
+        if expected == 0 {
+            return Ok(());
+        }
+        let replies =
+            match monoio::time::timeout(CONNECT_TIMEOUT, self.pipeline(hello, expected)).await {
+                Ok(res) => res?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "Redis handshake timed out",
+                    ))
+                }
+            };
+        for r in replies {
+            if let Frame::Error(e) = r {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "Redis refused the handshake: {}",
+                        String::from_utf8_lossy(&e)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Write encoded commands and read `n` replies (error replies are returned, not raised).
+    pub async fn pipeline(&mut self, cmds: BytesMut, n: usize) -> io::Result<Vec<Frame>> {
+        if !cmds.is_empty() {
+            let (res, _) = self.stream.write_all(cmds.freeze()).await;
+            res?;
+        }
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            out.push(self.next_frame().await?);
+        }
+        Ok(out)
+    }
+
+    /// Wait for the next complete frame.
+    pub async fn next_frame(&mut self) -> io::Result<Frame> {
+        loop {
+            if let Some(f) = self.try_frame()? {
+                return Ok(f);
+            }
+            if fill(&self.stream, self.fd, &mut self.rbuf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// A complete frame already buffered, if any.
+    fn try_frame(&mut self) -> io::Result<Option<Frame>> {
+        self.parser
+            .parse(&mut self.rbuf, &self.limits)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    }
+
+    /// Read what the socket has without waiting (after readiness). Ok(0): closed.
+    fn read_available(&mut self) -> io::Result<usize> {
+        let mut total = 0;
+        loop {
+            self.rbuf.reserve(16 << 10);
+            match recv_into(self.fd, &mut self.rbuf) {
+                Ok(0) => return if total == 0 { Ok(0) } else { Ok(total) },
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total.max(1)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            if self.rbuf.len() >= 256 << 10 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
 /// One connection's life: connect, authenticate, then pump commands and replies until it fails.
 /// Returns the error that ended it.
 async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io::Error {
     let cfg = links.borrow().cfg.clone();
-    let connect = async {
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&cfg.addr)?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address for Redis host"))?;
-        TcpStream::connect(addr).await
+    let mut conn = match RedisConn::open(&cfg).await {
+        Ok(c) => c,
+        Err(e) => return e,
     };
-    let mut stream = match monoio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return e,
-        Err(_) => return io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-    };
-    let _ = stream.set_nodelay(true);
-    let fd = stream.as_raw_fd();
-    let mut rbuf = BytesMut::with_capacity(16 << 10);
-    let limits = resp::Limits::default();
-    // Stateful: remembers how far it checked a frame that is still arriving.
-    let mut parser = resp::Parser::new();
-
-    // Handshake: AUTH (and SELECT on the publisher), replies checked in order.
-    let mut hello = BytesMut::new();
-    let mut expected = 0;
-    if let Some(pw) = &cfg.password {
-        match &cfg.username {
-            Some(user) => {
-                resp::encode_command(&mut hello, &[b"AUTH", user.as_bytes(), pw.as_bytes()])
-            }
-            None => resp::encode_command(&mut hello, &[b"AUTH", pw.as_bytes()]),
-        }
-        expected += 1;
-    }
-    if role == Role::Publisher && cfg.db != 0 {
-        let db = cfg.db.to_string();
-        resp::encode_command(&mut hello, &[b"SELECT", db.as_bytes()]);
-        expected += 1;
-    }
-    if expected > 0 {
-        links.borrow_mut().io(role).state = LinkState::Authenticating;
-        let (res, _) = stream.write_all(hello.freeze()).await;
-        if let Err(e) = res {
-            return e;
-        }
-        let handshake = async {
-            let mut got = 0;
-            while got < expected {
-                match parser.parse(&mut rbuf, &limits) {
-                    Ok(Some(Frame::Error(e))) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::PermissionDenied,
-                            format!(
-                                "Redis refused the handshake: {}",
-                                String::from_utf8_lossy(&e)
-                            ),
-                        ))
-                    }
-                    Ok(Some(_)) => got += 1,
-                    Ok(None) => {
-                        if fill(&stream, fd, &mut rbuf).await? == 0 {
-                            return Err(io::ErrorKind::UnexpectedEof.into());
-                        }
-                    }
-                    Err(e) => {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-                    }
-                }
-            }
-            Ok(())
-        };
-        match monoio::time::timeout(CONNECT_TIMEOUT, handshake).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return e,
-            Err(_) => return io::Error::new(io::ErrorKind::TimedOut, "Redis handshake timed out"),
-        }
+    links.borrow_mut().io(role).state = LinkState::Authenticating;
+    if let Err(e) = conn.handshake(&cfg, role == Role::Publisher).await {
+        return e;
     }
     links.borrow_mut().on_ready(role);
 
@@ -528,7 +596,7 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
             }
         };
         if let Some(out) = out {
-            let (res, _) = stream.write_all(out).await;
+            let (res, _) = conn.stream.write_all(out).await;
             if let Err(e) = res {
                 return e;
             }
@@ -566,7 +634,7 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
             let output = pin!(output);
             let timer = pin!(monoio::time::sleep(PING_INTERVAL));
             let wait_out = select(output, timer);
-            match select(pin!(stream.readable(false)), wait_out).await {
+            match select(pin!(conn.stream.readable(false)), wait_out).await {
                 Either::Left((res, _)) => Some(res),
                 Either::Right(_) => None,
             }
@@ -576,32 +644,24 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
             Some(Err(e)) => return e,
             Some(Ok(())) => {}
         }
-        loop {
-            rbuf.reserve(16 << 10);
-            match recv_into(fd, &mut rbuf) {
-                Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return e,
-            }
-            if rbuf.len() >= 256 << 10 {
-                break;
-            }
+        match conn.read_available() {
+            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
+            Ok(_) => {}
+            Err(e) => return e,
         }
         last_activity = Instant::now();
         loop {
-            let frame = match parser.parse(&mut rbuf, &limits) {
+            let frame = match conn.try_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                Err(e) => return e,
             };
             if let Err(e) = handle_frame(shard, links, role, frame) {
                 return e;
             }
         }
-        if rbuf.is_empty() && rbuf.capacity() > 64 << 10 {
-            rbuf = BytesMut::with_capacity(16 << 10);
+        if conn.rbuf.is_empty() && conn.rbuf.capacity() > 64 << 10 {
+            conn.rbuf = BytesMut::with_capacity(16 << 10);
         }
     }
 }
