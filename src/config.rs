@@ -31,6 +31,17 @@ pub struct Config {
     /// Subscriptions one connection may hold. Default 1000: enough for any real client, bounded
     /// registry memory per connection.
     pub max_subscriptions: usize,
+    /// Publishes per second one WebSocket connection may make (a token bucket refilled
+    /// continuously); 0 = unlimited. Beyond it a publish is dropped with a `rate_limited` error,
+    /// and a connection that keeps at it is closed with 1008 (see `ratelimit.rs`). Default 0
+    /// (unlimited): a default that silently throttled backends and benchmarks publishing over
+    /// WebSocket would surprise; hubs facing browsers should set one (e.g. 50, far above
+    /// interactive use).
+    pub max_publish_rate: u32,
+    /// Publishes a connection may make at once after being quiet (the bucket size). Default
+    /// (`None`): 2 × `max_publish_rate`, so a client that reconnects and catches up is not
+    /// limited.
+    pub publish_burst: Option<u32>,
     /// How often the server pings each connection. Default 25 s: under the 30–60 s idle cut-offs of
     /// common load balancers and proxies.
     pub ping_interval: Duration,
@@ -60,6 +71,16 @@ pub struct Config {
     /// Redis coordination (multi-instance mode). `None`: embedded mode, shards exchange messages
     /// in-process.
     pub redis: Option<RedisConfig>,
+    /// Core the registry thread is pinned to (Redis mode). Default: the last core; when there are
+    /// fewer cores than shards + 1 it shares a core with a shard (said at start).
+    pub registry_core: Option<usize>,
+    /// How often this instance writes its `instance` key. Default 10 s.
+    pub heartbeat_interval: Duration,
+    /// TTL of the `instance` key: a dead instance is noticed about this long after its last
+    /// heartbeat. Default 30 s (three missed heartbeats).
+    pub heartbeat_ttl: Duration,
+    /// TTL of each `conn` key, rewritten when half of it has passed. Default 120 s.
+    pub connection_ttl: Duration,
 }
 
 /// Where and how to reach Redis (`--redis redis://[:password@]host:port[/db]`).
@@ -162,6 +183,8 @@ impl Default for Config {
             max_queued_bytes: 1 << 20,
             max_message_size: 64 << 10,
             max_subscriptions: 1000,
+            max_publish_rate: 0,
+            publish_burst: None,
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(5),
@@ -173,6 +196,10 @@ impl Default for Config {
             instance_id: None,
             echo: false,
             redis: None,
+            registry_core: None,
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_ttl: Duration::from_secs(30),
+            connection_ttl: Duration::from_secs(120),
         }
     }
 }
@@ -181,6 +208,13 @@ impl Config {
     /// The HTTP body limit in force.
     pub fn http_body_limit(&self) -> usize {
         self.max_http_body.unwrap_or(self.max_message_size + 1024)
+    }
+
+    /// The publish burst in force (2 × the rate unless set), at most [`crate::ratelimit::MAX_BURST`].
+    pub fn publish_burst_limit(&self) -> u32 {
+        self.publish_burst
+            .unwrap_or_else(|| self.max_publish_rate.saturating_mul(2))
+            .min(crate::ratelimit::MAX_BURST)
     }
 
     /// Timer sweep period: a quarter of the shortest timeout, between 10 ms and 1 s. Timeouts fire
@@ -208,8 +242,24 @@ impl Config {
                 ));
             }
         }
+        if self.heartbeat_ttl <= self.heartbeat_interval {
+            return Err("--heartbeat-ttl must be longer than --heartbeat-interval".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.connection_ttl < Duration::from_millis(100) {
+            return Err(
+                "--heartbeat-interval must be > 0 and --connection-ttl at least 100ms".into(),
+            );
+        }
         if self.max_message_size < 128 {
             return Err("--max-message-size must be at least 128 bytes".into());
+        }
+        if let Some(burst) = self.publish_burst {
+            if self.max_publish_rate > 0 && !(1..=crate::ratelimit::MAX_BURST).contains(&burst) {
+                return Err(format!(
+                    "--publish-burst must be 1..={}, got {burst}",
+                    crate::ratelimit::MAX_BURST
+                ));
+            }
         }
         if self.max_queued_bytes < self.max_message_size {
             return Err("--max-queued-bytes must be at least --max-message-size".into());
@@ -334,6 +384,27 @@ mod tests {
         c.cpus = None;
         c.idle_timeout = Duration::ZERO;
         assert!(c.validate().is_err());
+        c.idle_timeout = Duration::from_secs(1);
+        c.max_publish_rate = 1000;
+        c.publish_burst = Some(0);
+        assert!(c.validate().unwrap_err().contains("--publish-burst"));
+        c.max_publish_rate = 0;
+        assert!(c.validate().is_ok(), "no burst needed without a rate");
+    }
+
+    #[test]
+    fn publish_burst_defaults_to_twice_the_rate() {
+        let mut c = Config::default();
+        assert_eq!(c.max_publish_rate, 0, "unlimited by default");
+        c.max_publish_rate = 1000;
+        assert_eq!(c.publish_burst_limit(), 2000);
+        c.max_publish_rate = 100;
+        assert_eq!(c.publish_burst_limit(), 200);
+        c.publish_burst = Some(5);
+        assert_eq!(c.publish_burst_limit(), 5);
+        c.publish_burst = None;
+        c.max_publish_rate = u32::MAX;
+        assert_eq!(c.publish_burst_limit(), crate::ratelimit::MAX_BURST);
     }
 
     #[test]

@@ -78,7 +78,7 @@ struct ConnTask {
     stream: TcpStream,
     /// Unprocessed input. Empty (no allocation) while the connection is idle.
     rbuf: BytesMut,
-    #[allow(dead_code)]
+    /// The client's address (for the registry).
     peer: SocketAddr,
 }
 
@@ -266,13 +266,34 @@ impl ConnTask {
                         Err((status, code, msg)) => (status, json, &[], err_body(code, &msg)),
                     }
                 }
+                (Method::Post, "/send") => {
+                    let body =
+                        self.rbuf[head.head_len..head.head_len + head.content_length].to_vec();
+                    let (status, body) = self.http_send(&head, &body).await;
+                    let extra: &[(&str, &str)] = if status == 401 {
+                        &[("WWW-Authenticate", "Bearer")]
+                    } else {
+                        &[]
+                    };
+                    (status, json, extra, body)
+                }
+                (Method::Get, "/instances") => {
+                    let (status, body) = self.http_instances().await;
+                    (status, json, &[], body)
+                }
+                (_, "/send") => (
+                    405,
+                    json,
+                    &[("Allow", "POST")],
+                    err_body("method_not_allowed", "use POST"),
+                ),
                 (_, "/publish") => (
                     405,
                     json,
                     &[("Allow", "POST")],
                     err_body("method_not_allowed", "use POST"),
                 ),
-                (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => (
+                (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/instances") => (
                     405,
                     json,
                     &[("Allow", "GET, HEAD")],
@@ -297,23 +318,140 @@ impl ConnTask {
         }
     }
 
+    /// Whether the request carries the API key (when one is configured).
+    fn authorized(&self, head: &RequestHead) -> bool {
+        let s = self.shard.borrow();
+        let Some(key) = &s.cfg.api_key else {
+            return true;
+        };
+        head.authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
+    }
+
+    /// `POST /send` with `{"connection":"<id>","data":<JSON>}`: deliver
+    /// `{"type":"direct","data":..}` to that one connection, on this instance or (Redis mode)
+    /// any other, via the registry and the target instance's inbox channel.
+    async fn http_send(&self, head: &RequestHead, body: &[u8]) -> (u16, Vec<u8>) {
+        use crate::registry::{parse_conn_id, RegEvent, SendOutcome};
+        if !self.authorized(head) {
+            return (
+                401,
+                err_body("unauthorized", "missing or wrong bearer token"),
+            );
+        }
+        #[derive(serde::Deserialize)]
+        struct SendBody<'a> {
+            #[serde(borrow)]
+            connection: Option<std::borrow::Cow<'a, str>>,
+            #[serde(borrow)]
+            data: Option<&'a serde_json::value::RawValue>,
+        }
+        let parsed: Result<SendBody, _> = serde_json::from_slice(body);
+        let (connection, data) = match parsed {
+            Ok(SendBody {
+                connection: Some(c),
+                data: Some(d),
+            }) => (c, d),
+            Ok(_) => {
+                let msg = "expected {\"connection\":\"<id>\",\"data\":<JSON>}";
+                return (400, err_body("bad_request", msg));
+            }
+            Err(e) => return (400, err_body("bad_request", &format!("invalid JSON: {e}"))),
+        };
+        let not_found = || (404, err_body("not_found", "no such connection"));
+        let Some((instance, target, key, seq)) = parse_conn_id(&connection) else {
+            return not_found();
+        };
+        let (local, peers, registry) = {
+            let s = self.shard.borrow();
+            (
+                instance == &*s.instance,
+                s.peers.clone(),
+                s.shared.registry.clone(),
+            )
+        };
+        if local {
+            let Some(inbox) = peers.get(target) else {
+                return not_found();
+            };
+            let (tx, rx) = futures_channel::oneshot::channel();
+            inbox.push(ShardMsg::Direct {
+                key,
+                seq,
+                data: bytes::Bytes::copy_from_slice(data.get().as_bytes()),
+                reply: Some(tx),
+            });
+            return match rx.await {
+                Ok(true) => (200, b"{\"ok\":true}".to_vec()),
+                _ => not_found(),
+            };
+        }
+        let Some(registry) = registry else {
+            return not_found();
+        };
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let ev = RegEvent::Send {
+            connection: connection.into_owned(),
+            data: data.get().to_owned(),
+            reply: tx,
+        };
+        if registry.push(ev).is_err() {
+            return (503, err_body("unavailable", "the registry is overloaded"));
+        }
+        match rx.await {
+            Ok(SendOutcome::Sent) => (200, b"{\"ok\":true}".to_vec()),
+            Ok(SendOutcome::NotFound) => not_found(),
+            _ => (
+                503,
+                err_body("unavailable", "the registry cannot reach Redis"),
+            ),
+        }
+    }
+
+    /// `GET /instances`: the live instances (Redis mode: from the registry; embedded: this one).
+    async fn http_instances(&self) -> (u16, Vec<u8>) {
+        use crate::registry::RegEvent;
+        let registry = self.shard.borrow().shared.registry.clone();
+        if let Some(registry) = registry {
+            let (tx, rx) = futures_channel::oneshot::channel();
+            if registry.push(RegEvent::Instances(tx)).is_err() {
+                return (503, err_body("unavailable", "the registry is overloaded"));
+            }
+            return match rx.await {
+                Ok(Ok(json)) => (200, json.into_bytes()),
+                Ok(Err(e)) => (503, err_body("unavailable", &e)),
+                Err(_) => (503, err_body("unavailable", "the registry stopped")),
+            };
+        }
+        let connections: u64 = gather(&self.shard)
+            .await
+            .iter()
+            .map(|m| m.connections_current)
+            .sum();
+        let s = self.shard.borrow();
+        let me = serde_json::json!([{
+            "instance": &*s.instance,
+            "addr": s.shared.addr.to_string(),
+            "shards": s.peers.len(),
+            "connections": connections,
+            "started_at": s.shared.started_at,
+            "version": env!("CARGO_PKG_VERSION"),
+        }]);
+        (200, me.to_string().into_bytes())
+    }
+
     /// `POST /publish` with `{"channel":..,"data":..}`. Err: (status, code, message).
     fn http_publish(
         &self,
         head: &RequestHead,
         body: &[u8],
     ) -> Result<(), (u16, &'static str, String)> {
-        let mut s = self.shard.borrow_mut();
-        if let Some(key) = &s.cfg.api_key {
-            let ok = head
-                .authorization
-                .as_deref()
-                .and_then(|a| a.strip_prefix("Bearer "))
-                .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()));
-            if !ok {
-                return Err((401, "unauthorized", "missing or wrong bearer token".into()));
-            }
+        if !self.authorized(head) {
+            return Err((401, "unauthorized", "missing or wrong bearer token".into()));
         }
+        let mut s = self.shard.borrow_mut();
         let (channel, data) = match protocol::parse_publish_body(body) {
             Ok(v) => v,
             Err(e) => {
@@ -387,7 +525,7 @@ impl ConnTask {
             // Shut by the sweep while the response was being written.
             return Next::Close;
         }
-        s.mark_open(self.key, echo);
+        s.mark_open(self.key, echo, self.peer);
         Next::WebSocket
     }
 
@@ -618,6 +756,11 @@ async fn kicked(shard: &ShardRef, key: usize) {
 
 /// Ask every shard for its counters and render them.
 async fn gather_metrics(shard: &ShardRef) -> String {
+    crate::metrics::render_prometheus(&gather(shard).await)
+}
+
+/// Every shard's counters (a shard that has stopped counts as zeros).
+async fn gather(shard: &ShardRef) -> Vec<crate::metrics::ShardMetrics> {
     let peers = shard.borrow().peers.clone();
     let mut pending = Vec::with_capacity(peers.len());
     for inbox in peers.iter() {
@@ -629,7 +772,7 @@ async fn gather_metrics(shard: &ShardRef) -> String {
     for rx in pending {
         all.push(rx.await.unwrap_or_default());
     }
-    crate::metrics::render_prometheus(&all)
+    all
 }
 
 /// Compare secrets without an early exit on the first differing byte.
@@ -655,6 +798,9 @@ mod tests {
             connections: Default::default(),
             max_connections: 10,
             readiness: crate::redis::Readiness::new(1, true),
+            registry: None,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            started_at: 0,
         });
         let broker = Box::new(crate::broker::MemoryBroker::new(0, inboxes.clone()));
         let shard = crate::shard::Shard::new(

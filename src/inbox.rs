@@ -33,6 +33,16 @@ pub enum ShardMsg {
     },
     /// Send a copy of this shard's counters.
     Metrics(futures_channel::oneshot::Sender<ShardMetrics>),
+    /// Deliver `{"type":"direct","data":<data>}` to one connection (slab `key`, checked against
+    /// `seq`); `reply` learns whether it was there.
+    Direct {
+        key: usize,
+        seq: u64,
+        data: Bytes,
+        reply: Option<futures_channel::oneshot::Sender<bool>>,
+    },
+    /// The registry repairs itself: send the records of every open WebSocket.
+    RegistrySnapshot(futures_channel::oneshot::Sender<Vec<crate::registry::ConnRecord>>),
     /// Begin graceful shutdown: stop accepting, close clients with 1001, exit when drained.
     Shutdown,
 }

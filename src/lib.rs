@@ -8,6 +8,7 @@
 //! - [`topics`]: the per-shard topic registry (channel → local subscribers); reports
 //!   first-subscriber / last-subscriber transitions.
 //! - [`config`]: every limit with its default; [`metrics`]: per-shard counters.
+//! - [`ratelimit`]: the per-connection publish token bucket.
 //!
 //! I/O layers:
 //! - [`server`]: starts one thread per shard, signals, shutdown.
@@ -16,6 +17,7 @@
 //! - [`inbox`]: the only cross-thread path into a shard.
 //! - [`broker`]: the seam between shards and instances; in-process implementation.
 //! - [`redis`]: the Redis implementation: per-shard publisher/subscriber links, lazy subscriptions.
+//! - [`registry`]: connection registry and instance heartbeats on a dedicated core (Redis mode).
 //! - [`resp`]: sans-IO RESP parser and command encoder.
 //! - [`sock`]: non-blocking receive helper.
 
@@ -27,7 +29,9 @@ pub mod http;
 pub mod inbox;
 pub mod metrics;
 pub mod protocol;
+pub mod ratelimit;
 pub mod redis;
+pub mod registry;
 pub mod resp;
 pub mod server;
 pub mod shard;

@@ -26,7 +26,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the hub (embedded single-instance mode by default; `--redis` for multi-instance).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// List the live instances registered in Redis, with their connection counts.
+    Instances(InstancesArgs),
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +54,13 @@ struct ServeArgs {
     /// Subscriptions one connection may hold.
     #[arg(long, env = "RINGHUB_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
     max_subscriptions: usize,
+    /// Publishes per second per connection (token bucket; 0 = unlimited). Beyond it publishes are
+    /// dropped with a `rate_limited` error; persistent abuse closes the connection with 1008.
+    #[arg(long, env = "RINGHUB_MAX_PUBLISH_RATE", default_value_t = 0)]
+    max_publish_rate: u32,
+    /// Publishes a connection may make at once (the bucket size) [default: 2 x the rate].
+    #[arg(long, env = "RINGHUB_PUBLISH_BURST")]
+    publish_burst: Option<u32>,
     /// How often the server pings each connection.
     #[arg(long, env = "RINGHUB_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     ping_interval: Duration,
@@ -94,6 +103,79 @@ struct ServeArgs {
     /// Prefix of every Redis key and channel (hub channel `news` is `<prefix>chan:news`).
     #[arg(long, env = "RINGHUB_REDIS_PREFIX", default_value = "ws:")]
     redis_prefix: String,
+    /// Core for the registry thread (Redis mode) [default: the last core].
+    #[arg(long, env = "RINGHUB_REGISTRY_CORE")]
+    registry_core: Option<usize>,
+    /// How often this instance refreshes its `instance` key in Redis.
+    #[arg(long, env = "RINGHUB_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// TTL of the `instance` key (a dead instance is noticed about this long after it died).
+    #[arg(long, env = "RINGHUB_HEARTBEAT_TTL", default_value = "30s", value_parser = parse_duration)]
+    heartbeat_ttl: Duration,
+    /// TTL of each connection's key in Redis (refreshed while the connection lives).
+    #[arg(long, env = "RINGHUB_CONNECTION_TTL", default_value = "120s", value_parser = parse_duration)]
+    connection_ttl: Duration,
+}
+
+#[derive(Args, Debug)]
+struct InstancesArgs {
+    /// Redis URL: `redis://[:password@]host:port[/db]`.
+    #[arg(long, env = "RINGHUB_REDIS", value_parser = RedisConfig::from_url, hide_env_values = true)]
+    redis: RedisConfig,
+    /// Redis password (instead of putting it in the URL).
+    #[arg(long, env = "RINGHUB_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
+    /// Prefix of every Redis key and channel.
+    #[arg(long, env = "RINGHUB_REDIS_PREFIX", default_value = "ws:")]
+    redis_prefix: String,
+    /// Print the raw JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ringhub instances`: the same list `GET /instances` returns, as a table.
+fn list_instances(args: InstancesArgs) -> Result<(), String> {
+    let mut redis = args.redis;
+    if args.redis_password.is_some() {
+        redis.password = args.redis_password;
+    }
+    redis.prefix = args.redis_prefix;
+    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let json = rt
+        .block_on(async {
+            let mut conn = ringhub::redis::RedisConn::open(&redis).await?;
+            conn.handshake(&redis, true).await?;
+            let keys = ringhub::registry::Keys::new(&redis.prefix);
+            ringhub::registry::live_instances(&mut conn, &keys).await
+        })
+        .map_err(|e| format!("cannot read instances from Redis at {}: {e}", redis.addr))?;
+    if args.json {
+        println!("{json}");
+        return Ok(());
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    let now = ringhub::registry::unix_ms();
+    println!(
+        "{:<18} {:<22} {:>6} {:>11} {:>10}  VERSION",
+        "INSTANCE", "ADDR", "SHARDS", "CONNECTIONS", "UPTIME"
+    );
+    for i in &list {
+        let up = now.saturating_sub(i["started_at"].as_u64().unwrap_or(now)) / 1000;
+        println!(
+            "{:<18} {:<22} {:>6} {:>11} {:>9}s  {}",
+            i["instance"].as_str().unwrap_or("?"),
+            i["addr"].as_str().unwrap_or("?"),
+            i["shards"].as_u64().unwrap_or(0),
+            i["connections"].as_u64().unwrap_or(0),
+            up,
+            i["version"].as_str().unwrap_or("?"),
+        );
+    }
+    println!("{} live instance(s)", list.len());
+    Ok(())
 }
 
 /// A parsed core list (a newtype: clap would treat a bare `Vec` as a multi-value flag).
@@ -115,6 +197,8 @@ impl ServeArgs {
             max_queued_bytes: self.max_queued_bytes,
             max_message_size: self.max_message_size,
             max_subscriptions: self.max_subscriptions,
+            max_publish_rate: self.max_publish_rate,
+            publish_burst: self.publish_burst,
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,
             handshake_timeout: self.handshake_timeout,
@@ -132,6 +216,10 @@ impl ServeArgs {
                 r.prefix = self.redis_prefix;
                 r
             }),
+            registry_core: self.registry_core,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_ttl: self.heartbeat_ttl,
+            connection_ttl: self.connection_ttl,
         }
     }
 }
@@ -145,7 +233,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve(args) => match ringhub::server::run(args.into_config()) {
+        Command::Serve(args) => match ringhub::server::run((*args).into_config()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringhub: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Instances(args) => match list_instances(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringhub: {e}");

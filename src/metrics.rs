@@ -45,12 +45,16 @@ pub struct ShardMetrics {
     pub protocol_closes: u64,
     /// Connections closed by the idle timeout.
     pub idle_closes: u64,
+    /// Connections closed with 1008 for exceeding the publish rate limit persistently.
+    pub rate_limit_closes: u64,
     /// Connections dropped because the handshake did not complete in time.
     pub handshake_timeouts: u64,
     /// Upgrades refused because of `max_connections`.
     pub connections_refused: u64,
     /// Messages received from the bus (Redis mode).
     pub bus_messages_received: u64,
+    /// Registry events dropped because the registry's queue was full (repaired by a full refresh).
+    pub registry_drops: u64,
     /// Error replies sent, by code (see [`ERROR_CODES`]).
     pub errors: [u64; ERROR_CODES.len()],
 }
@@ -72,9 +76,11 @@ impl ShardMetrics {
         self.slow_consumer_closes += o.slow_consumer_closes;
         self.protocol_closes += o.protocol_closes;
         self.idle_closes += o.idle_closes;
+        self.rate_limit_closes += o.rate_limit_closes;
         self.handshake_timeouts += o.handshake_timeouts;
         self.connections_refused += o.connections_refused;
         self.bus_messages_received += o.bus_messages_received;
+        self.registry_drops += o.registry_drops;
         for (a, b) in self.errors.iter_mut().zip(o.errors.iter()) {
             *a += b;
         }
@@ -89,7 +95,7 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
     }
     let mut out = String::with_capacity(4096);
     type Getter = fn(&ShardMetrics) -> u64;
-    let series: [(&str, &str, &str, Getter); 13] = [
+    let series: [(&str, &str, &str, Getter); 15] = [
         (
             "ringhub_connections",
             "gauge",
@@ -151,6 +157,12 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
             |m| m.idle_closes,
         ),
         (
+            "ringhub_rate_limit_closes_total",
+            "counter",
+            "Connections closed with 1008 for persistent publish rate abuse.",
+            |m| m.rate_limit_closes,
+        ),
+        (
             "ringhub_handshake_timeouts_total",
             "counter",
             "Connections dropped at the handshake timeout.",
@@ -167,6 +179,12 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
             "counter",
             "Messages received from Redis (Redis mode).",
             |m| m.bus_messages_received,
+        ),
+        (
+            "ringhub_registry_drops_total",
+            "counter",
+            "Registry events dropped at a full queue (repaired by a full refresh).",
+            |m| m.registry_drops,
         ),
     ];
     for (name, kind, help, get) in series {

@@ -181,6 +181,8 @@ pub struct Links {
     channels: HashMap<Box<str>, Chan>,
     /// `<prefix>chan:`
     chan_prefix: Vec<u8>,
+    /// `<prefix>inbox:<instance>`, subscribed by shard 0 only: targeted sends for this instance.
+    inbox: Option<Vec<u8>>,
 }
 
 impl Links {
@@ -188,6 +190,7 @@ impl Links {
         cfg: Arc<RedisConfig>,
         shard: usize,
         readiness: Arc<Readiness>,
+        inbox: Option<String>,
     ) -> Rc<RefCell<Links>> {
         let chan_prefix = format!("{}chan:", cfg.prefix).into_bytes();
         Rc::new(RefCell::new(Links {
@@ -198,6 +201,7 @@ impl Links {
             subscriber: LinkIo::new(),
             channels: HashMap::new(),
             chan_prefix,
+            inbox: inbox.map(String::into_bytes),
         }))
     }
 
@@ -308,6 +312,9 @@ impl Links {
         }
         io.logged_down = false;
         if role == Role::Subscriber {
+            if let Some(inbox) = self.inbox.clone() {
+                self.subscriber.queue(&[b"SUBSCRIBE", &inbox]);
+            }
             // Re-subscribe everything the shard still needs, in a few commands.
             let wanted: Vec<Box<str>> = self
                 .channels
@@ -678,6 +685,39 @@ async fn fill(stream: &TcpStream, fd: i32, rbuf: &mut BytesMut) -> io::Result<us
     }
 }
 
+/// A targeted send arrived on this instance's inbox (`{"connection":"<id>","data":<JSON>}`):
+/// deliver it here or hand it to the connection's shard.
+fn route_direct(shard: &ShardRef, payload: &[u8]) {
+    #[derive(serde::Deserialize)]
+    struct Direct<'a> {
+        #[serde(borrow)]
+        connection: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        data: &'a serde_json::value::RawValue,
+    }
+    let Ok(msg) = serde_json::from_slice::<Direct>(payload) else {
+        tracing::debug!("ignored a malformed inbox message");
+        return;
+    };
+    let Some((instance, target, key, seq)) = crate::registry::parse_conn_id(&msg.connection) else {
+        return;
+    };
+    let mut s = shard.borrow_mut();
+    if instance != &*s.instance || target >= s.peers.len() {
+        return;
+    }
+    if target == s.id {
+        s.deliver_direct(key, seq, msg.data.get().as_bytes());
+    } else {
+        s.peers[target].push(crate::inbox::ShardMsg::Direct {
+            key,
+            seq,
+            data: bytes::Bytes::copy_from_slice(msg.data.get().as_bytes()),
+            reply: None,
+        });
+    }
+}
+
 /// Act on one frame from Redis.
 fn handle_frame(
     shard: &ShardRef,
@@ -722,6 +762,11 @@ fn handle_frame(
                 std::str::from_utf8(rest).ok().map(str::to_owned)
             };
             match event {
+                PubSub::Message { channel, payload }
+                    if links.borrow().inbox.as_deref() == Some(&channel[..]) =>
+                {
+                    route_direct(shard, &payload);
+                }
                 PubSub::Message { channel, payload } => {
                     if let Some(rest) = channel.get(prefix_len..) {
                         if let Ok(ch) = std::str::from_utf8(rest) {
@@ -759,7 +804,7 @@ mod tests {
 
     fn links() -> Rc<RefCell<Links>> {
         let cfg = Arc::new(RedisConfig::from_url("redis://127.0.0.1:1").unwrap());
-        let l = Links::new(cfg, 0, Readiness::new(1, false));
+        let l = Links::new(cfg, 0, Readiness::new(1, false), None);
         l.borrow_mut().on_ready(Role::Subscriber);
         l.borrow_mut().on_ready(Role::Publisher);
         l
@@ -868,7 +913,7 @@ mod tests {
         let cfg = Arc::new(RedisConfig::from_url("redis://127.0.0.1:1").unwrap());
         let ready = Readiness::new(2, false);
         ready.set(1, true);
-        let l = Links::new(cfg, 0, ready.clone());
+        let l = Links::new(cfg, 0, ready.clone(), None);
         l.borrow_mut().on_ready(Role::Publisher);
         assert!(!ready.all());
         l.borrow_mut().on_ready(Role::Subscriber);
@@ -882,7 +927,7 @@ mod tests {
     fn readiness_waits_for_resubscriptions_after_a_reconnect() {
         let cfg = Arc::new(RedisConfig::from_url("redis://127.0.0.1:1").unwrap());
         let ready = Readiness::new(1, false);
-        let l = Links::new(cfg, 0, ready.clone());
+        let l = Links::new(cfg, 0, ready.clone(), None);
         l.borrow_mut().on_ready(Role::Publisher);
         l.borrow_mut().on_ready(Role::Subscriber);
         l.borrow_mut().want("a");

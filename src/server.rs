@@ -13,6 +13,7 @@ use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
 use crate::inbox::{Inbox, ShardMsg};
 use crate::redis::{Links, Readiness, RedisBroker};
+use crate::registry::{RegEvent, RegistryQueue, RegistryStart, Timing};
 use crate::shard::{self, Shard, Shared};
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ pub struct ServerHandle {
     inboxes: Arc<[Arc<Inbox>]>,
     threads: Vec<JoinHandle<()>>,
     max_connections: usize,
+    registry: Option<(Arc<RegistryQueue>, JoinHandle<()>)>,
 }
 
 impl ServerHandle {
@@ -75,10 +77,22 @@ impl ServerHandle {
         ShutdownTrigger(self.inboxes.clone())
     }
 
-    /// Wait until every shard has exited.
+    /// Wait until every shard has exited, then (Redis mode) until the registry has removed this
+    /// instance's keys.
     pub fn join(self) {
         for t in self.threads {
             let _ = t.join();
+        }
+        if let Some((queue, thread)) = self.registry {
+            // The queue only fills if the registry is stuck; give it a moment, then give up.
+            for _ in 0..200 {
+                if queue.push(RegEvent::Shutdown).is_ok() {
+                    let _ = thread.join();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            tracing::warn!("the registry did not take the shutdown request");
         }
     }
 }
@@ -167,10 +181,17 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
         Some(id) => Arc::from(id.as_str()),
         None => Arc::from(format!("{:016x}", rand::random::<u64>()).as_str()),
     };
+    let registry_queue = config
+        .redis
+        .as_ref()
+        .map(|_| RegistryQueue::new(crate::registry::QUEUE_CAPACITY));
     let shared = Arc::new(Shared {
         connections: AtomicUsize::new(0),
         max_connections,
         readiness: Readiness::new(config.shards, config.redis.is_none()),
+        registry: registry_queue.clone(),
+        addr,
+        started_at: crate::registry::unix_ms(),
     });
     let inboxes: Arc<[Arc<Inbox>]> = (0..config.shards).map(|_| Inbox::new()).collect();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -232,6 +253,32 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
             }
         }
     }
+    let registry = match (&config.redis, registry_queue) {
+        (Some(redis), Some(queue)) => {
+            let core = registry_core(&config, &cores);
+            let thread = crate::registry::spawn(RegistryStart {
+                redis: redis.clone(),
+                timing: Timing {
+                    heartbeat_interval: config.heartbeat_interval,
+                    heartbeat_ttl: config.heartbeat_ttl,
+                    conn_ttl: config.connection_ttl,
+                },
+                instance: instance.clone(),
+                addr,
+                shards: config.shards,
+                inboxes: inboxes.clone(),
+                queue: queue.clone(),
+                core,
+                started_at: crate::registry::unix_ms(),
+            })
+            .map_err(|e| ServerError::Shard {
+                shard: 0,
+                message: format!("registry thread: {e}"),
+            })?;
+            Some((queue, thread))
+        }
+        _ => None,
+    };
     tracing::info!(
         %addr,
         shards = config.shards,
@@ -246,7 +293,37 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
         inboxes,
         threads,
         max_connections,
+        registry,
     })
+}
+
+/// The registry's core: `--registry-core`, else the last core. Says so when it shares a core
+/// with a shard.
+fn registry_core(
+    config: &Config,
+    cores: &[core_affinity::CoreId],
+) -> Option<core_affinity::CoreId> {
+    if !config.pin || cores.is_empty() {
+        return None;
+    }
+    let id = config
+        .registry_core
+        .unwrap_or_else(|| cores.iter().map(|c| c.id).max().unwrap_or(0));
+    let shard_cores: Vec<usize> = match &config.cpus {
+        Some(list) => list[..config.shards].to_vec(),
+        None => (0..config.shards)
+            .map(|i| cores[i % cores.len()].id)
+            .collect(),
+    };
+    if shard_cores.contains(&id) {
+        tracing::info!(
+            core = id,
+            cores = cores.len(),
+            shards = config.shards,
+            "the registry shares core {id} with a shard (fewer cores than shards + 1)"
+        );
+    }
+    Some(core_affinity::CoreId { id })
 }
 
 struct ShardStart {
@@ -300,11 +377,11 @@ fn shard_main(ctx: ShardStart) {
         };
         // Embedded mode: shards carry messages to each other. Redis mode: Redis is the bus and
         // shards do not talk to each other.
-        let links = ctx
-            .cfg
-            .redis
-            .as_ref()
-            .map(|r| Links::new(Arc::new(r.clone()), id, ctx.shared.readiness.clone()));
+        let links = ctx.cfg.redis.as_ref().map(|r| {
+            let inbox =
+                (id == 0).then(|| crate::registry::Keys::new(&r.prefix).inbox(&ctx.instance));
+            Links::new(Arc::new(r.clone()), id, ctx.shared.readiness.clone(), inbox)
+        });
         let broker: Box<dyn Broker> = match &links {
             Some(links) => Box::new(RedisBroker::new(links.clone())),
             None => Box::new(MemoryBroker::new(id, ctx.inboxes.clone())),

@@ -27,12 +27,15 @@ use crate::config::Config;
 use crate::inbox::{Inbox, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, Command, ErrorCode};
+use crate::ratelimit::{self, Bucket, PublishLimit, Verdict};
+use crate::registry::{ConnRecord, RegEvent, RegistryQueue};
 use crate::topics::TopicRegistry;
 use bytes::{Bytes, BytesMut};
 use serde_json::value::RawValue;
 use slab::Slab;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
@@ -58,6 +61,12 @@ pub struct Shared {
     pub max_connections: usize,
     /// Per-shard bus readiness for `GET /readyz` (always up in embedded mode).
     pub readiness: Arc<crate::redis::Readiness>,
+    /// The registry's queue (Redis mode).
+    pub registry: Option<Arc<RegistryQueue>>,
+    /// The address the shards listen on, and when the instance started (Unix ms), for
+    /// `GET /instances`.
+    pub addr: SocketAddr,
+    pub started_at: u64,
 }
 
 /// Where a connection is in its life. The connection task and the sweep both act on it.
@@ -85,8 +94,11 @@ pub struct Conn {
     /// The socket, for `shutdown(2)` by the sweep (the task owns the stream and removes this entry
     /// before closing it, so the fd is always valid while the entry exists).
     pub fd: RawFd,
-    /// Per-shard sequence number; the connection id is `<instance>-<shard>-<seq>`.
+    /// Per-shard sequence number; the connection id is `<instance>-<shard>-<key>-<seq>`, so a
+    /// targeted send finds the entry by key and checks the sequence (a reused key differs).
     pub seq: u64,
+    /// When the connection was accepted (Unix seconds), for the registry.
+    pub connected_at: u32,
     pub phase: Phase,
     /// Whether the connection became a WebSocket (counted in `connections_current`).
     pub upgraded: bool,
@@ -116,6 +128,8 @@ pub struct Conn {
     pub last_ping: u32,
     /// Tick at which the current phase's deadline expires (Http, ClosingByUs, FlushThenClose).
     pub deadline: u32,
+    /// Publish rate limit state (16 bytes; refilled lazily when a publish arrives).
+    pub publish_bucket: Bucket,
 }
 
 /// Deadlines in sweep ticks.
@@ -194,6 +208,8 @@ pub struct Shard {
     iov: Vec<libc::iovec>,
     /// `subscribed` acks held until the bus confirms the channel's subscription.
     pending_acks: HashMap<Box<str>, Vec<PendingAck>>,
+    /// `--max-publish-rate` with its burst; `None` = unlimited.
+    publish_limit: Option<PublishLimit>,
 }
 
 /// A client's `subscribe` acknowledgement waiting for the bus.
@@ -215,6 +231,7 @@ impl Shard {
         peers: Arc<[Arc<Inbox>]>,
         broker: Box<dyn Broker>,
     ) -> Shard {
+        let publish_limit = PublishLimit::new(cfg.max_publish_rate, cfg.publish_burst_limit());
         let limits = codec::Limits {
             max_frame_size: cfg.max_message_size,
             max_message_size: cfg.max_message_size,
@@ -242,6 +259,7 @@ impl Shard {
             flusher_waker: None,
             iov: Vec::with_capacity(IOV_BATCH),
             pending_acks: HashMap::new(),
+            publish_limit,
         }
     }
 
@@ -254,6 +272,7 @@ impl Shard {
         self.conns.insert(Conn {
             fd,
             seq: self.next_seq,
+            connected_at: (crate::registry::unix_ms() / 1000) as u32,
             phase: Phase::Http,
             upgraded: false,
             awaiting_ack: false,
@@ -268,12 +287,51 @@ impl Shard {
             last_rx: tick,
             last_ping: tick,
             deadline: tick.wrapping_add(self.ticks.handshake),
+            publish_bucket: Bucket::default(),
         })
     }
 
     /// The connection id as clients see it: unique across shards, instances and restarts.
     pub fn conn_id(&self, key: usize) -> String {
-        format!("{}-{}-{}", self.instance, self.id, self.conns[key].seq)
+        format!(
+            "{}-{}-{}-{}",
+            self.instance, self.id, key, self.conns[key].seq
+        )
+    }
+
+    /// The registry's record of an open connection.
+    fn record(&self, key: usize, remote: Option<SocketAddr>) -> ConnRecord {
+        ConnRecord {
+            id: self.conn_id(key),
+            shard: self.id,
+            remote: remote.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            connected_at: self.conns[key].connected_at as u64 * 1000,
+        }
+    }
+
+    /// Tell the registry (Redis mode); a full queue is counted and repaired by the registry.
+    fn tell_registry(&mut self, ev: RegEvent) {
+        if let Some(q) = &self.shared.registry {
+            if q.push(ev).is_err() {
+                self.metrics.registry_drops += 1;
+            }
+        }
+    }
+
+    /// Deliver `{"type":"direct","data":<data>}` to one connection. False when it is not here
+    /// (closed, or the key now belongs to a newer connection).
+    pub fn deliver_direct(&mut self, key: usize, seq: u64, data: &[u8]) -> bool {
+        match self.conns.get(key) {
+            Some(c) if c.seq == seq && c.phase == Phase::Open && c.upgraded => {}
+            _ => return false,
+        }
+        let mut json = Vec::with_capacity(data.len() + 26);
+        json.extend_from_slice(b"{\"type\":\"direct\",\"data\":");
+        json.extend_from_slice(data);
+        json.push(b'}');
+        let frame = codec::encode_frame(OpCode::Data(codec::Data::Text), &json);
+        self.send_frame(key, frame);
+        true
     }
 
     /// Restart the handshake deadline (next keep-alive HTTP request).
@@ -283,7 +341,7 @@ impl Shard {
     }
 
     /// The HTTP upgrade succeeded: the connection is a WebSocket from now on.
-    pub fn mark_open(&mut self, key: usize, echo: bool) {
+    pub fn mark_open(&mut self, key: usize, echo: bool, remote: SocketAddr) {
         let tick = self.tick;
         let c = &mut self.conns[key];
         c.phase = Phase::Open;
@@ -293,11 +351,19 @@ impl Shard {
         c.last_ping = tick;
         self.metrics.connections_current += 1;
         self.metrics.connections_total += 1;
+        if self.shared.registry.is_some() && !echo {
+            let rec = self.record(key, Some(remote));
+            self.tell_registry(RegEvent::Register(rec));
+        }
     }
 
     /// Forget a connection (its task is about to drop the socket): subscriptions are released and
     /// the broker hears about channels that lost their last local subscriber.
     pub fn remove_conn(&mut self, key: usize) {
+        if self.conns[key].upgraded && !self.conns[key].echo {
+            let id = self.conn_id(key);
+            self.tell_registry(RegEvent::Unregister(id));
+        }
         let c = self.conns.remove(key);
         if c.upgraded {
             self.metrics.connections_current -= 1;
@@ -573,6 +639,9 @@ impl Shard {
         };
         match cmd {
             Command::Publish { channel, data, id } => {
+                if !self.publish_allowed(key, id) {
+                    return;
+                }
                 match self.publish(&channel, data.get().as_bytes()) {
                     Ok(()) => {
                         if id.is_some() {
@@ -633,6 +702,29 @@ impl Shard {
             }
             Command::Ping { id } => self.send_text(key, &protocol::pong(id)),
         }
+    }
+
+    /// Take a token from the connection's publish bucket. When it is empty the publish is dropped
+    /// with a `rate_limited` error; a connection that keeps going is closed with 1008.
+    fn publish_allowed(&mut self, key: usize, id: Option<&RawValue>) -> bool {
+        let Some(limit) = self.publish_limit else {
+            return true;
+        };
+        let verdict = limit.check(&mut self.conns[key].publish_bucket, ratelimit::now_ms());
+        if verdict == Verdict::Allowed {
+            return true;
+        }
+        let msg = format!(
+            "publish rate limit exceeded ({}/s, burst {}); the message was dropped",
+            self.cfg.max_publish_rate,
+            self.cfg.publish_burst_limit()
+        );
+        self.send_error(key, id, ErrorCode::RateLimited, &msg);
+        if verdict == Verdict::Abusive {
+            self.metrics.rate_limit_closes += 1;
+            self.close(key, 1008, "publish rate limit exceeded persistently", false);
+        }
+        false
     }
 
     /// The bus confirmed the subscription to `channel`: send the held acks and let those
@@ -739,6 +831,27 @@ impl Shard {
                     let _ = tx.send(self.metrics.clone());
                 }
                 ShardMsg::Shutdown => self.begin_shutdown(),
+                ShardMsg::Direct {
+                    key,
+                    seq,
+                    data,
+                    reply,
+                } => {
+                    let found = self.deliver_direct(key, seq, &data);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(found);
+                    }
+                }
+                ShardMsg::RegistrySnapshot(reply) => {
+                    let keys: Vec<usize> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, c)| c.upgraded && !c.echo && c.phase != Phase::Http)
+                        .map(|(k, _)| k)
+                        .collect();
+                    let records = keys.into_iter().map(|k| self.record(k, None)).collect();
+                    let _ = reply.send(records);
+                }
             }
         }
         n

@@ -867,9 +867,9 @@ fn idle_links_stay_connected() {
     let redis = RedisServer::start();
     let mut rc = redis.client();
     let hub = redis_hub(&redis, |_| {});
-    // 2 shards x (publisher + subscriber) + this client.
-    wait_until(WAIT, "the hub's 4 Redis connections", || {
-        rc.info_int("clients", "connected_clients") == 5
+    // 2 shards x (publisher + subscriber) + the registry + this client.
+    wait_until(WAIT, "the hub's 5 Redis connections", || {
+        rc.info_int("clients", "connected_clients") == 6
     });
     let accepted = rc.info_int("stats", "total_connections_received");
 

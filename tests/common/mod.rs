@@ -92,9 +92,9 @@ impl Client {
         c
     }
 
-    /// The shard this connection landed on (ids are `<instance>-<shard>-<seq>`).
+    /// The shard this connection landed on (ids are `<instance>-<shard>-<key>-<seq>`).
     pub fn shard(&self) -> usize {
-        self.id.rsplit('-').nth(1).unwrap().parse().unwrap()
+        self.id.rsplit('-').nth(2).unwrap().parse().unwrap()
     }
 
     pub fn send_text(&mut self, text: &str) {
