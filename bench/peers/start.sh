@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# bench/peers/start.sh: start one benchmark server pinned to a core and print its PID.
+#
+#   bench/peers/start.sh NAME PORT CPU
+#
+# NAME: ringhub | ringhub-redis | uws | node-ws-redis | tokio-hub | minimal
+# The server listens on 127.0.0.1:PORT (WebSocket at /ws) under `taskset -c CPU`. The script
+# returns once the port accepts connections and prints one line: the server's PID, followed by
+# the PIDs of helper processes that belong to it and run on the same core (the redis-server of
+# node-ws-redis and ringhub-redis). Stop them all by those PIDs. Logs go to $BENCH_LOG_DIR
+# (default /tmp). Build/install first with bench/peers/setup.sh.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+name=${1:?usage: start.sh NAME PORT CPU}
+port=${2:?usage: start.sh NAME PORT CPU}
+cpu=${3:?usage: start.sh NAME PORT CPU}
+logs=${BENCH_LOG_DIR:-/tmp}
+mkdir -p "$logs"
+log="$logs/$name-$port.log"
+# Many connections: raise the soft open-file limit for everything started from here.
+ulimit -n "$(ulimit -Hn)"
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # PORT PID: wait until PORT accepts connections (or PID died)
+  local p=$1 pid=$2
+  for _ in $(seq 1 200); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "start.sh: $name exited during start-up; see $log" >&2
+      tail -5 "$log" >&2 || true
+      exit 1
+    fi
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "start.sh: $name did not listen on port $p within 10 s; see $log" >&2
+  exit 1
+}
+
+start_redis() { # prints the redis-server PID and port
+  local rport
+  rport=$(free_port)
+  if [ "$rport" = 6379 ]; then rport=$(free_port); fi
+  taskset -c "$cpu" redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+    --daemonize no >"$logs/redis-$rport.log" 2>&1 &
+  local rpid=$!
+  wait_port "$rport" "$rpid"
+  echo "$rpid $rport"
+}
+
+aux=""
+case "$name" in
+  ringhub)
+    taskset -c "$cpu" "$root/target/release/ringhub" serve --listen "127.0.0.1:$port" \
+      --shards 1 --cpus "$cpu" --log warn >"$log" 2>&1 &
+    ;;
+  ringhub-redis)
+    read -r rpid rport < <(start_redis) && [ -n "${rport:-}" ] || exit 1
+    aux=$rpid
+    taskset -c "$cpu" "$root/target/release/ringhub" serve --listen "127.0.0.1:$port" \
+      --shards 1 --cpus "$cpu" --log warn --redis "redis://127.0.0.1:$rport" >"$log" 2>&1 &
+    ;;
+  uws)
+    taskset -c "$cpu" node "$here/uws/server.js" "$port" >"$log" 2>&1 &
+    ;;
+  node-ws-redis)
+    read -r rpid rport < <(start_redis) && [ -n "${rport:-}" ] || exit 1
+    aux=$rpid
+    taskset -c "$cpu" node "$here/node-ws-redis/server.js" "$port" "$rport" >"$log" 2>&1 &
+    ;;
+  tokio-hub)
+    taskset -c "$cpu" "$here/tokio-hub/target/release/tokio-hub" "$port" >"$log" 2>&1 &
+    ;;
+  minimal)
+    taskset -c "$cpu" "$root/target/release/minimal-peer" "$port" >"$log" 2>&1 &
+    ;;
+  *)
+    echo "start.sh: unknown server $name (ringhub, ringhub-redis, uws, node-ws-redis, tokio-hub, minimal)" >&2
+    exit 2
+    ;;
+esac
+pid=$!
+wait_port "$port" "$pid"
+echo "$pid${aux:+ $aux}"
