@@ -15,16 +15,19 @@ use ringhub::codec::{decode_server_frame, encode_masked, Control, Data, OpCode};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::time::Duration;
 
 pub const TEXT: OpCode = OpCode::Data(Data::Text);
 pub const PING: OpCode = OpCode::Control(Control::Ping);
 pub const PONG: OpCode = OpCode::Control(Control::Pong);
+pub const CLOSE: OpCode = OpCode::Control(Control::Close);
 
 /// Base64 of the 16 bytes "ringhub-load/0.1" (any 16-byte nonce is valid for the server).
 const WS_KEY: &str = "cmluZ2h1Yi1sb2FkLzAuMQ==";
 
 /// Where to connect: a `ws://host:port/path` URL, resolved once.
+#[derive(Debug, Clone)]
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
@@ -57,6 +60,30 @@ impl Target {
             path: path.into(),
         })
     }
+
+    /// Check that something accepts TCP connections at the address (before a run starts, so
+    /// an unreachable URL is one clear error instead of thousands of failed connections).
+    pub fn probe(&self) -> Result<(), String> {
+        match std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(3)) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let why = match e.raw_os_error() {
+                    Some(libc::ECONNREFUSED) => "connection refused — is the hub running there?",
+                    _ if e.kind() == io::ErrorKind::TimedOut => "no answer within 3 s",
+                    _ => "",
+                };
+                let why = if why.is_empty() {
+                    e.to_string()
+                } else {
+                    why.into()
+                };
+                Err(format!(
+                    "cannot connect to {} ({}): {why}",
+                    self.url, self.addr
+                ))
+            }
+        }
+    }
 }
 
 /// Why a connection failed or ended. [`ConnError::kind`] groups them for the reports.
@@ -69,6 +96,8 @@ pub enum ConnError {
     /// bind(2) refused a --source-ips address (not configured on this machine).
     BadSource(IpAddr),
     Timeout,
+    /// The server answered the upgrade with this HTTP status line instead of 101.
+    Rejected(String),
     Handshake(String),
     /// The server closed the connection: its close code, None without a close frame.
     Closed(Option<u16>),
@@ -84,10 +113,19 @@ impl ConnError {
             ConnError::NoPorts(_) => "out of ephemeral ports",
             ConnError::BadSource(_) => "bad source address",
             ConnError::Timeout => "timeout",
+            ConnError::Rejected(_) => "upgrade refused (HTTP status)",
             ConnError::Handshake(_) => "handshake failed",
             ConnError::Closed(_) => "closed by server",
             ConnError::Protocol(_) => "protocol error",
             ConnError::Io(..) => "i/o error",
+        }
+    }
+
+    /// Map an OS error of a local operation (not connect) to the causes users can act on.
+    pub fn from_os(op: &'static str, e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => ConnError::FdLimit,
+            _ => ConnError::Io(op, e),
         }
     }
 
@@ -113,7 +151,11 @@ impl fmt::Display for ConnError {
                     "cannot connect to {a}: connection refused — is the hub running?"
                 )
             }
-            ConnError::FdLimit => write!(f, "too many open files (RLIMIT_NOFILE reached)"),
+            ConnError::FdLimit => write!(
+                f,
+                "too many open files: the open-file limit (RLIMIT_NOFILE) is reached; \
+                 raise the hard limit (ulimit -Hn, LimitNOFILE=) or open fewer connections"
+            ),
             ConnError::NoPorts(Some(ip)) => {
                 write!(f, "ran out of ephemeral ports on {ip}; add --source-ips")
             }
@@ -128,6 +170,7 @@ impl fmt::Display for ConnError {
                 )
             }
             ConnError::Timeout => write!(f, "timed out (connect, upgrade or subscribe)"),
+            ConnError::Rejected(s) => write!(f, "the server refused the upgrade: {s}"),
             ConnError::Handshake(s) => write!(f, "WebSocket handshake failed: {s}"),
             ConnError::Closed(Some(c)) => write!(f, "closed by server with code {c}"),
             ConnError::Closed(None) => write!(f, "closed by server (no close frame)"),
@@ -249,6 +292,22 @@ async fn connect(
 pub struct Conn {
     pub reader: Reader,
     pub writer: Writer,
+    /// The socket (for [`crate::worker::Live`]: shut down at the end of a run).
+    pub fd: RawFd,
+}
+
+impl Conn {
+    /// Client-initiated close: send a close frame (1000) and wait for the server's close.
+    pub async fn close(mut self) -> Result<(), ConnError> {
+        self.writer.send(CLOSE, &1000u16.to_be_bytes()).await?;
+        loop {
+            match self.reader.next_frame().await {
+                Err(ConnError::Closed(_)) => return Ok(()),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+    }
 }
 
 /// Connect, upgrade and read the welcome. `chunk` is the read buffer size (small for idle
@@ -261,6 +320,7 @@ pub async fn open(
     seed: u32,
 ) -> Result<Conn, ConnError> {
     let mut stream = connect(target.addr, src, uring).await?;
+    let fd = stream.as_raw_fd();
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -292,7 +352,7 @@ pub async fn open(
     };
     let status = String::from_utf8_lossy(&buf[..find(&buf, b"\r\n").unwrap_or(0)]).into_owned();
     if !status.starts_with("HTTP/1.1 101") {
-        return Err(ConnError::Handshake(format!("server answered {status:?}")));
+        return Err(ConnError::Rejected(status));
     }
     buf.advance(head_len);
     let (r, w) = stream.into_split();
@@ -308,6 +368,7 @@ pub async fn open(
             buf: Vec::new(),
             mask: seed | 1,
         },
+        fd,
     };
     let (op, welcome) = conn.reader.next_frame().await?;
     if op != TEXT || !is_type(&welcome, "welcome") {

@@ -1,0 +1,301 @@
+//! Command-line arguments of every scenario (clap derive), shared by the binary and by tests,
+//! which build the same structs to run a scenario through the library.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringhub::config::{parse_cpu_list, parse_duration, parse_size};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringhub-load",
+    version,
+    about = "Load generator for the ringhub WebSocket hub (and any server speaking its protocol v1)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fan-out: publishers → channels → subscribers; latency, loss and throughput.
+    Fanout(FanoutArgs),
+    /// Chat rooms: many channels with a few members each, every member publishing.
+    Rooms(RoomsArgs),
+    /// Connection setup: open connections at a fixed rate; connect→welcome time, failures.
+    Connect(ConnectArgs),
+    /// Many idle connections: failures and memory per connection (hub and load generator).
+    Idle(IdleArgs),
+    /// Compare .hgrm files: percentiles side by side with ratios, and an SVG plot.
+    Compare(CompareArgs),
+}
+
+/// Flags every load scenario has.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Hub WebSocket URL; repeat (or comma-separate) to spread connections over instances.
+    #[arg(
+        long = "url",
+        env = "RINGHUB_LOAD_URL",
+        default_value = "ws://127.0.0.1:8080/ws",
+        value_delimiter = ','
+    )]
+    pub urls: Vec<String>,
+    /// URL(s) publishers connect to [default: --url]. With --subscribe-url on another instance
+    /// this measures cross-instance latency (e.g. through Redis).
+    #[arg(long = "publish-url", value_delimiter = ',')]
+    pub publish_urls: Vec<String>,
+    /// URL(s) subscribers connect to [default: --url].
+    #[arg(long = "subscribe-url", value_delimiter = ',')]
+    pub subscribe_urls: Vec<String>,
+    /// Measured time, after the warmup (idle: how long the connections are held).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, visible_alias = "hold")]
+    pub duration: Duration,
+    /// Time run before measuring: traffic (and loss checks) but no latency samples; idle: the
+    /// settling time before memory is read.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// monoio threads the connections are spread over.
+    #[arg(long, env = "RINGHUB_LOAD_THREADS", default_value_t = 1)]
+    pub threads: usize,
+    /// Cores to pin the threads to, e.g. `1` or `2-3` [default: no pinning].
+    #[arg(long, env = "RINGHUB_LOAD_CPUS", value_parser = parse_cpu_list)]
+    pub cpus: Option<::std::vec::Vec<usize>>,
+    /// Source addresses to bind client sockets to, round-robin: `127.0.0.2-127.0.0.9,127.0.1.1`
+    /// (each gives another ~28k ephemeral ports per destination).
+    #[arg(long, env = "RINGHUB_LOAD_SOURCE_IPS", value_parser = parse_ip_list)]
+    pub source_ips: Option<::std::vec::Vec<IpAddr>>,
+    /// PID of the hub, to report its CPU time (and, for `idle`, its memory per connection).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the latency distribution (µs) as an HdrHistogram `.hgrm` percentile text file.
+    #[arg(long)]
+    pub hgrm: Option<PathBuf>,
+    /// Write a machine-readable summary (setup, counts, percentiles in µs, CPU) as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Use monoio's epoll driver even where io_uring is available.
+    #[arg(long, env = "RINGHUB_LOAD_EPOLL")]
+    pub epoll: bool,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl Common {
+    /// Defaults for library use (tests): one thread, no pinning, `url` only.
+    pub fn new(url: &str) -> Self {
+        Common {
+            urls: vec![url.into()],
+            publish_urls: Vec::new(),
+            subscribe_urls: Vec::new(),
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            threads: 1,
+            cpus: None,
+            source_ips: None,
+            server_pid: None,
+            hgrm: None,
+            json: None,
+            epoll: false,
+            quiet: false,
+        }
+    }
+
+    /// Whether the runtimes use io_uring (else epoll).
+    pub fn uring(&self) -> bool {
+        !self.epoll && monoio::utils::detect_uring()
+    }
+}
+
+/// How publishers pace themselves (fanout and rooms).
+#[derive(Args, Clone, Debug)]
+pub struct Traffic {
+    /// Open loop: total messages per second over all publishers, on a fixed schedule; latency
+    /// is measured from each message's intended send time.
+    #[arg(long, required_unless_present = "max", conflicts_with = "max")]
+    pub rate: Option<f64>,
+    /// Closed loop: publish as fast as the window allows (to find saturation).
+    #[arg(long)]
+    pub max: bool,
+    /// With --max: messages in flight per publisher (one is done when the publisher receives
+    /// it back from the hub).
+    #[arg(long, conflicts_with = "rate", value_name = "W (default 16)")]
+    pub window: Option<u32>,
+    /// Size of each message's `data` JSON in bytes (`64`, `1KiB`); below ~40 it is ~40, what
+    /// the publisher id, sequence number and send time take.
+    #[arg(long, default_value = "64", value_parser = parse_size)]
+    pub payload_size: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub traffic: Traffic,
+    /// Subscriber connections (spread round-robin over the channels).
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Channels.
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    /// Publisher connections; each publishes round-robin over the channels.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RoomsArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub traffic: Traffic,
+    /// Rooms (channels).
+    #[arg(long, default_value_t = 1000)]
+    pub rooms: usize,
+    /// Members per room; each is one connection that subscribes to its room and publishes
+    /// into it (receiving its own messages too).
+    #[arg(long, default_value_t = 5)]
+    pub members: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Connection attempts per second, on a fixed schedule.
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Total attempts [default: rate × (warmup + duration)].
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Keep every connection open until the end (default: close each, with a close
+    /// handshake, right after its welcome).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Connections to open.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Connects per second.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Each connection subscribes to a channel of its own.
+    #[arg(long)]
+    pub subscribe: bool,
+}
+
+/// The y axis of the comparison plot.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    Log,
+    Linear,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct CompareArgs {
+    /// .hgrm files (HdrHistogram percentile distributions, as `--hgrm` writes them); ratios
+    /// are relative to the first.
+    #[arg(required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// Names of the runs, comma-separated, in file order [default: file names].
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Write a latency-by-percentile plot as SVG.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Latency axis of the plot.
+    #[arg(long, value_enum, default_value_t = Scale::Log)]
+    pub y_scale: Scale,
+    /// Title of the plot.
+    #[arg(long, default_value = "Latency by percentile")]
+    pub title: String,
+}
+
+/// Parse `a`, `a-b` (IPv4 ranges) and comma-separated mixes of them.
+pub fn parse_ip_list(s: &str) -> Result<Vec<IpAddr>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ip = |t: &str| {
+            t.trim()
+                .parse::<IpAddr>()
+                .map_err(|e| format!("bad address {t:?}: {e}"))
+        };
+        match part.split_once('-') {
+            None => out.push(ip(part)?),
+            Some((a, b)) => match (ip(a)?, ip(b)?) {
+                (IpAddr::V4(a), IpAddr::V4(b)) if u32::from(a) <= u32::from(b) => {
+                    if u32::from(b) - u32::from(a) >= 1 << 16 {
+                        return Err(format!("range {part:?} is too large (at most 65536)"));
+                    }
+                    out.extend((u32::from(a)..=u32::from(b)).map(|n| IpAddr::from(n.to_be_bytes())))
+                }
+                _ => return Err(format!("bad range {part:?}: need ascending IPv4 addresses")),
+            },
+        }
+    }
+    if out.is_empty() {
+        return Err("no address given".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ip_lists() {
+        let v = parse_ip_list("127.0.0.2-127.0.0.4, 127.0.1.1").unwrap();
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[3], "127.0.1.1".parse::<IpAddr>().unwrap());
+        assert!(parse_ip_list("127.0.0.4-127.0.0.2").is_err());
+        assert!(parse_ip_list("").is_err());
+        assert!(parse_ip_list("10.0.0.0-10.255.255.255").is_err());
+    }
+
+    #[test]
+    fn repeated_and_comma_separated_urls() {
+        let cli = Cli::try_parse_from([
+            "ringhub-load",
+            "fanout",
+            "--rate",
+            "10",
+            "--url",
+            "ws://127.0.0.1:1/ws",
+            "--url",
+            "ws://127.0.0.1:2/ws,ws://127.0.0.1:3/ws",
+        ])
+        .unwrap();
+        let Command::Fanout(a) = cli.command else {
+            panic!("fanout expected")
+        };
+        assert_eq!(a.common.urls.len(), 3);
+        assert!(a.common.publish_urls.is_empty());
+    }
+
+    #[test]
+    fn rate_and_max_exclude_each_other() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["ringhub-load", "rooms"].iter().chain(args.iter()))
+        };
+        assert!(parse(&["--rate", "10", "--max"]).is_err());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--max", "--window", "4"]).is_ok());
+        assert!(parse(&["--rate", "10", "--window", "4"]).is_err());
+    }
+}
