@@ -47,12 +47,46 @@ pub enum ShardMsg {
     Shutdown,
 }
 
+/// Wakes one consumer task from any thread, at most once per drain: producers call
+/// [`Wakeup::notify`] after pushing to their queue; the consumer awaits [`Wakeup::wait`] with a
+/// check of its queue. A burst of pushes costs one wake-up.
+#[derive(Debug, Default)]
+pub struct Wakeup {
+    waker: AtomicWaker,
+    notified: AtomicBool,
+}
+
+impl Wakeup {
+    /// Wake the consumer unless it is already scheduled to drain.
+    pub fn notify(&self) {
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    /// Wait until `has_work()` holds (checked again after registering, so no push is missed).
+    pub async fn wait(&self, has_work: impl Fn() -> bool) {
+        poll_fn(|cx| {
+            // Clear the flag first: a push after this point wakes us again.
+            self.notified.store(false, Ordering::Release);
+            if has_work() {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if has_work() {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 /// A shard's inbound queue. Shared (`Arc`) between the owning shard and every producer.
 #[derive(Default)]
 pub struct Inbox {
     queue: SegQueue<ShardMsg>,
-    waker: AtomicWaker,
-    notified: AtomicBool,
+    wakeup: Wakeup,
 }
 
 impl Inbox {
@@ -63,9 +97,7 @@ impl Inbox {
     /// Push a message and wake the shard if it is not already scheduled to drain.
     pub fn push(&self, msg: ShardMsg) {
         self.queue.push(msg);
-        if !self.notified.swap(true, Ordering::AcqRel) {
-            self.waker.wake();
-        }
+        self.wakeup.notify();
     }
 
     /// Take one message without waiting (the owning shard only).
@@ -80,19 +112,7 @@ impl Inbox {
 
     /// Wait until there is something to drain (the owning shard's inbox task only).
     pub async fn ready(&self) {
-        poll_fn(|cx| {
-            // Clear the flag first: a push after this point wakes us again.
-            self.notified.store(false, Ordering::Release);
-            if !self.queue.is_empty() {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if !self.queue.is_empty() {
-                return Poll::Ready(());
-            }
-            Poll::Pending
-        })
-        .await
+        self.wakeup.wait(|| !self.queue.is_empty()).await
     }
 }
 

@@ -28,21 +28,18 @@
 //! instance before the process exits.
 
 use crate::config::RedisConfig;
-use crate::inbox::{Inbox, ShardMsg};
+use crate::inbox::{Inbox, ShardMsg, Wakeup};
 use crate::redis::RedisConn;
 use crate::resp::{self, Frame};
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use futures_util::future::{select, Either};
-use futures_util::task::AtomicWaker;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Events queued per shard-to-registry push before drops start.
@@ -107,8 +104,7 @@ pub enum RegEvent {
 #[derive(Debug)]
 pub struct RegistryQueue {
     queue: ArrayQueue<RegEvent>,
-    waker: AtomicWaker,
-    notified: AtomicBool,
+    wakeup: Wakeup,
     dropped: AtomicU64,
 }
 
@@ -116,8 +112,7 @@ impl RegistryQueue {
     pub fn new(capacity: usize) -> Arc<RegistryQueue> {
         Arc::new(RegistryQueue {
             queue: ArrayQueue::new(capacity),
-            waker: AtomicWaker::new(),
-            notified: AtomicBool::new(false),
+            wakeup: Wakeup::default(),
             dropped: AtomicU64::new(0),
         })
     }
@@ -127,9 +122,7 @@ impl RegistryQueue {
     pub fn push(&self, ev: RegEvent) -> Result<(), RegEvent> {
         match self.queue.push(ev) {
             Ok(()) => {
-                if !self.notified.swap(true, Ordering::AcqRel) {
-                    self.waker.wake();
-                }
+                self.wakeup.notify();
                 Ok(())
             }
             Err(ev) => {
@@ -147,18 +140,7 @@ impl RegistryQueue {
     }
 
     async fn ready(&self) {
-        poll_fn(|cx| {
-            self.notified.store(false, Ordering::Release);
-            if !self.queue.is_empty() {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if !self.queue.is_empty() {
-                return Poll::Ready(());
-            }
-            Poll::Pending
-        })
-        .await
+        self.wakeup.wait(|| !self.queue.is_empty()).await
     }
 }
 
@@ -455,10 +437,11 @@ impl Registry {
         let index = self.keys.index(&me);
         let mut cmds = BytesMut::new();
         let mut n = 0;
-        let mut push = |cmds: &mut BytesMut, args: &[&[u8]]| {
+        // Encode one command and count the reply to expect.
+        fn push(cmds: &mut BytesMut, n: &mut usize, args: &[&[u8]]) {
             resp::encode_command(cmds, args);
-            n += 1;
-        };
+            *n += 1;
+        }
 
         if self.resync {
             // Delete what the index lists but we no longer have; rewrite everything we have.
@@ -475,14 +458,11 @@ impl Registry {
 
         // Deletions first (an id reconnecting after a drop is re-added below).
         let dels = std::mem::take(&mut self.to_del);
+        n += encode_conn_deletes(&mut cmds, &self.keys, &dels);
         for chunk in dels.chunks(CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|id| self.keys.conn(id)).collect();
-            let mut args: Vec<&[u8]> = vec![b"DEL"];
-            args.extend(keys.iter().map(|k| k.as_bytes()));
-            push(&mut cmds, &args);
             let mut args: Vec<&[u8]> = vec![b"SREM", index.as_bytes()];
             args.extend(chunk.iter().map(|id| id.as_bytes()));
-            push(&mut cmds, &args);
+            push(&mut cmds, &mut n, &args);
         }
 
         // New connections, then refreshes of those written half a TTL ago.
@@ -504,6 +484,7 @@ impl Registry {
                 let json = self.conn_json(&self.conns[id]);
                 push(
                     &mut cmds,
+                    &mut n,
                     &[
                         b"SET",
                         key.as_bytes(),
@@ -515,7 +496,7 @@ impl Registry {
             }
             let mut args: Vec<&[u8]> = vec![b"SADD", index.as_bytes()];
             args.extend(chunk.iter().map(|id| id.as_bytes()));
-            push(&mut cmds, &args);
+            push(&mut cmds, &mut n, &args);
         }
         for id in sets {
             self.written.push_back((now, id));
@@ -529,6 +510,7 @@ impl Registry {
             let ttl = ms(self.ctx.timing.heartbeat_ttl);
             push(
                 &mut cmds,
+                &mut n,
                 &[
                     b"SET",
                     key.as_bytes(),
@@ -538,11 +520,12 @@ impl Registry {
                 ],
             );
             let set = self.keys.instances();
-            push(&mut cmds, &[b"SADD", set.as_bytes(), me.as_bytes()]);
+            push(&mut cmds, &mut n, &[b"SADD", set.as_bytes(), me.as_bytes()]);
             // The index outlives this instance by long enough for a survivor to clean up.
             let index_ttl = ms(self.ctx.timing.conn_ttl + self.ctx.timing.heartbeat_ttl * 2);
             push(
                 &mut cmds,
+                &mut n,
                 &[b"PEXPIRE", index.as_bytes(), index_ttl.as_bytes()],
             );
             self.next_heartbeat = now + self.ctx.timing.heartbeat_interval;
@@ -676,14 +659,7 @@ impl Registry {
             let index = self.keys.index(id);
             let members = self.smembers(&index).await?;
             let mut cmds = BytesMut::new();
-            let mut n = 0;
-            for chunk in members.chunks(CHUNK) {
-                let keys: Vec<String> = chunk.iter().map(|c| self.keys.conn(c)).collect();
-                let mut args: Vec<&[u8]> = vec![b"DEL"];
-                args.extend(keys.iter().map(|k| k.as_bytes()));
-                resp::encode_command(&mut cmds, &args);
-                n += 1;
-            }
+            let mut n = encode_conn_deletes(&mut cmds, &self.keys, &members);
             resp::encode_command(&mut cmds, &[b"DEL", index.as_bytes()]);
             resp::encode_command(
                 &mut cmds,
@@ -709,14 +685,7 @@ impl Registry {
             ids.extend(self.to_del.drain(..));
             let ids: Vec<String> = ids.into_iter().collect();
             let mut cmds = BytesMut::new();
-            let mut n = 0;
-            for chunk in ids.chunks(CHUNK) {
-                let keys: Vec<String> = chunk.iter().map(|c| self.keys.conn(c)).collect();
-                let mut args: Vec<&[u8]> = vec![b"DEL"];
-                args.extend(keys.iter().map(|k| k.as_bytes()));
-                resp::encode_command(&mut cmds, &args);
-                n += 1;
-            }
+            let mut n = encode_conn_deletes(&mut cmds, &self.keys, &ids);
             let instance_key = self.keys.instance(&me);
             resp::encode_command(
                 &mut cmds,
@@ -757,6 +726,20 @@ pub fn parse_conn_id(id: &str) -> Option<(&str, usize, usize, u64)> {
         return None;
     }
     Some((instance, shard, key, seq))
+}
+
+/// Encode `DEL` of the connection keys of `ids`, [`CHUNK`] keys per command. Returns the number
+/// of commands (replies to expect).
+fn encode_conn_deletes(cmds: &mut BytesMut, keys: &Keys, ids: &[String]) -> usize {
+    let mut n = 0;
+    for chunk in ids.chunks(CHUNK) {
+        let names: Vec<String> = chunk.iter().map(|id| keys.conn(id)).collect();
+        let mut args: Vec<&[u8]> = vec![b"DEL"];
+        args.extend(names.iter().map(|k| k.as_bytes()));
+        resp::encode_command(cmds, &args);
+        n += 1;
+    }
+    n
 }
 
 /// The inbox payload for a targeted send: `{"connection":"<id>","data":<JSON>}`.
