@@ -33,10 +33,11 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Publishes per second one WebSocket connection may make (a token bucket refilled
     /// continuously); 0 = unlimited. Beyond it a publish is dropped with a `rate_limited` error,
-    /// and a connection that keeps at it is closed with 1008 (see `ratelimit.rs`). Default 0
-    /// (unlimited): a default that silently throttled backends and benchmarks publishing over
-    /// WebSocket would surprise; hubs facing browsers should set one (e.g. 50, far above
-    /// interactive use).
+    /// and a connection that keeps at it is closed with 1008 (see `ratelimit.rs`). Default 1000:
+    /// far above interactive use (tens per second), while one connection can no longer keep its
+    /// shard busy with fan-out alone — a hub faces the open internet, so the limit is on unless
+    /// turned off. Every dropped publish is answered (`rate_limited`) and counted; backends that
+    /// publish more use `POST /publish`, or a hub with `--max-publish-rate 0`.
     pub max_publish_rate: u32,
     /// Publishes a connection may make at once after being quiet (the bucket size). Default
     /// (`None`): 2 × `max_publish_rate`, so a client that reconnects and catches up is not
@@ -183,7 +184,7 @@ impl Default for Config {
             max_queued_bytes: 1 << 20,
             max_message_size: 64 << 10,
             max_subscriptions: 1000,
-            max_publish_rate: 0,
+            max_publish_rate: 1000,
             publish_burst: None,
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
@@ -395,8 +396,7 @@ mod tests {
     #[test]
     fn publish_burst_defaults_to_twice_the_rate() {
         let mut c = Config::default();
-        assert_eq!(c.max_publish_rate, 0, "unlimited by default");
-        c.max_publish_rate = 1000;
+        assert_eq!(c.max_publish_rate, 1000, "limited by default");
         assert_eq!(c.publish_burst_limit(), 2000);
         c.max_publish_rate = 100;
         assert_eq!(c.publish_burst_limit(), 200);

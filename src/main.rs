@@ -56,7 +56,7 @@ struct ServeArgs {
     max_subscriptions: usize,
     /// Publishes per second per connection (token bucket; 0 = unlimited). Beyond it publishes are
     /// dropped with a `rate_limited` error; persistent abuse closes the connection with 1008.
-    #[arg(long, env = "RINGHUB_MAX_PUBLISH_RATE", default_value_t = 0)]
+    #[arg(long, env = "RINGHUB_MAX_PUBLISH_RATE", default_value_t = 1000)]
     max_publish_rate: u32,
     /// Publishes a connection may make at once (the bucket size) [default: 2 x the rate].
     #[arg(long, env = "RINGHUB_PUBLISH_BURST")]

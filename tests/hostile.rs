@@ -15,7 +15,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tungstenite::Message;
 
 // Client frame opcodes.
@@ -102,32 +102,6 @@ fn under_attack(tweak: impl FnOnce(&mut Config), attack: impl FnOnce(&Hub)) {
     sentinel.check(&hub);
     wait_for_open_connections(&hub, 1);
     sentinel.check(&hub);
-}
-
-/// Value of an unlabelled series in `/metrics`.
-fn metric(hub: &Hub, name: &str) -> u64 {
-    let (status, body) = http(hub.addr, "GET", "/metrics", &[], b"");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
-}
-
-/// Wait (up to WAIT) until the hub counts exactly `n` open WebSocket connections: closed and
-/// reset clients must be noticed and forgotten.
-fn wait_for_open_connections(hub: &Hub, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let open = metric(hub, "ringhub_connections");
-        if open == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ringhub_connections stays at {open}, expected {n}: connections leaked"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ----- raw WebSocket client -----
@@ -1371,7 +1345,7 @@ fn silent_and_slowloris_connections_are_dropped() {
             let got = read_until_closed(&mut idle, "idle keep-alive connection");
             assert_eq!(got, b"{\"status\":\"ok\"}", "only the body remains");
 
-            let timeouts = metric(hub, "ringhub_handshake_timeouts_total");
+            let timeouts = metric(hub.addr, "ringhub_handshake_timeouts_total");
             assert!(
                 timeouts >= 22,
                 "ringhub_handshake_timeouts_total = {timeouts}"

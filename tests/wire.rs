@@ -56,25 +56,12 @@ fn metrics(addr: SocketAddr) -> String {
     body
 }
 
-/// The value of one exact series line (`name{labels} value`) in Prometheus text.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("series {series} not found in metrics:\n{text}"))
-}
-
 /// Poll `/metrics` until `series` has the value `want` (or fail after WAIT).
 fn wait_metric(addr: SocketAddr, series: &str, want: u64) {
     let deadline = Instant::now() + WAIT;
     loop {
         let text = metrics(addr);
-        let got = metric(&text, series);
+        let got = series_value(&text, series);
         if got == want {
             return;
         }
@@ -446,13 +433,13 @@ fn error_replies_keep_connection_usable() {
     let text = metrics(hub.addr);
     for code in ["bad_request", "invalid_channel", "too_many_subscriptions"] {
         assert_eq!(
-            metric(&text, &format!(r#"ringhub_errors_total{{code="{code}"}}"#)),
+            series_value(&text, &format!(r#"ringhub_errors_total{{code="{code}"}}"#)),
             counts[code],
             "errors counted for {code}"
         );
     }
     assert_eq!(
-        metric(&text, r#"ringhub_errors_total{code="message_too_large"}"#),
+        series_value(&text, r#"ringhub_errors_total{code="message_too_large"}"#),
         0
     );
 }
@@ -501,19 +488,22 @@ fn delivery_across_shards() {
     let text = metrics(hub.addr);
     for shard in 0..2 {
         // Each shard queued every message (2N) to its two local subscribers.
-        let delivered = metric(
+        let delivered = series_value(
             &text,
             &format!(r#"ringhub_messages_delivered_total{{shard="{shard}"}}"#),
         );
         assert!(delivered > 0, "shard {shard} delivered nothing");
         assert_eq!(delivered, 2 * 2 * N, "shard {shard} deliveries");
-        let published = metric(
+        let published = series_value(
             &text,
             &format!(r#"ringhub_messages_published_total{{shard="{shard}"}}"#),
         );
         assert_eq!(published, N, "shard {shard} publishes");
     }
-    assert_eq!(metric(&text, "ringhub_messages_delivered_total"), 8 * N);
+    assert_eq!(
+        series_value(&text, "ringhub_messages_delivered_total"),
+        8 * N
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -523,7 +513,11 @@ fn delivery_across_shards() {
 #[test]
 fn per_publisher_order_10k() {
     const COUNT: u64 = 10_000;
-    let hub = Hub::start(|c| c.max_queued_bytes = 64 << 20);
+    let hub = Hub::start(|c| {
+        c.max_queued_bytes = 64 << 20;
+        // One connection publishes 10,000 messages at full speed: no publish rate limit.
+        c.max_publish_rate = 0;
+    });
     let subs = clients_on_each_shard(hub.addr, 2);
     let mut publisher = clients_on_each_shard(hub.addr, 2).swap_remove(0);
     assert_eq!(publisher.shard(), 0);
@@ -687,7 +681,7 @@ fn slow_consumer_closed_1013_others_unaffected() {
         sent += 1;
         match after_cut {
             None if sent.is_multiple_of(128) => {
-                let closes = metric(&metrics(hub.addr), "ringhub_slow_consumer_closes_total");
+                let closes = series_value(&metrics(hub.addr), "ringhub_slow_consumer_closes_total");
                 if closes > 0 {
                     after_cut = Some(sent);
                 }
@@ -712,7 +706,7 @@ fn slow_consumer_closed_1013_others_unaffected() {
     assert_alive(&mut publisher, "publisher-alive");
 
     let text = metrics(hub.addr);
-    assert_eq!(metric(&text, "ringhub_slow_consumer_closes_total"), 1);
+    assert_eq!(series_value(&text, "ringhub_slow_consumer_closes_total"), 1);
 
     // The slow client finally drains its socket: messages, then the 1013 close frame.
     assert_eq!(raw_expect_close(&mut slow), 1013);
@@ -741,7 +735,7 @@ fn idle_timeout_closes_silent_client_1001() {
         started.elapsed()
     );
     let text = metrics(hub.addr);
-    assert_eq!(metric(&text, "ringhub_idle_closes_total"), 1);
+    assert_eq!(series_value(&text, "ringhub_idle_closes_total"), 1);
 }
 
 /// The sweep period for the given ping/idle settings with the other defaults.
@@ -784,7 +778,7 @@ fn keepalive_pings_keep_responsive_client_open() {
     c.ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
     assert_alive(&mut c, "still-open");
     let text = metrics(hub.addr);
-    assert_eq!(metric(&text, "ringhub_idle_closes_total"), 0);
+    assert_eq!(series_value(&text, "ringhub_idle_closes_total"), 0);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -988,10 +982,10 @@ fn http_endpoints() {
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
-    assert_eq!(metric(&text, "ringhub_messages_delivered_total"), 2);
-    assert_eq!(metric(&text, "ringhub_messages_published_total"), 2);
-    assert_eq!(metric(&text, "ringhub_slow_consumer_closes_total"), 0);
-    assert_eq!(metric(&text, "ringhub_connections"), 2);
+    assert_eq!(series_value(&text, "ringhub_messages_delivered_total"), 2);
+    assert_eq!(series_value(&text, "ringhub_messages_published_total"), 2);
+    assert_eq!(series_value(&text, "ringhub_slow_consumer_closes_total"), 0);
+    assert_eq!(series_value(&text, "ringhub_connections"), 2);
 }
 
 #[test]

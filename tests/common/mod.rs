@@ -68,11 +68,30 @@ pub struct Client {
 impl Client {
     /// Connect, upgrade, and read the welcome message.
     pub fn connect(addr: SocketAddr) -> Client {
+        Client::try_connect(addr, None)
+            .unwrap_or_else(|status| panic!("websocket upgrade refused with HTTP {status}"))
+    }
+
+    /// Connect and upgrade (with a tungstenite configuration, e.g. a small read buffer), and read
+    /// the welcome message; `Err(status)` when the upgrade is answered with an HTTP error.
+    pub fn try_connect(
+        addr: SocketAddr,
+        config: Option<tungstenite::protocol::WebSocketConfig>,
+    ) -> Result<Client, u16> {
         let stream = TcpStream::connect(addr).expect("tcp connect");
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.set_nodelay(true).unwrap();
-        let (ws, resp) =
-            tungstenite::client(format!("ws://{addr}/ws"), stream).expect("websocket upgrade");
+        let (ws, resp) = match tungstenite::client::client_with_config(
+            format!("ws://{addr}/ws"),
+            stream,
+            config,
+        ) {
+            Ok(ok) => ok,
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                return Err(resp.status().as_u16())
+            }
+            Err(e) => panic!("websocket upgrade: {e}"),
+        };
         assert_eq!(resp.status(), 101);
         let mut c = Client {
             ws,
@@ -89,12 +108,12 @@ impl Client {
             .as_str()
             .expect("instance id")
             .to_string();
-        c
+        Ok(c)
     }
 
-    /// The shard this connection landed on (ids are `<instance>-<shard>-<key>-<seq>`).
+    /// The shard this connection landed on.
     pub fn shard(&self) -> usize {
-        self.id.rsplit('-').nth(2).unwrap().parse().unwrap()
+        shard_of(&self.id)
     }
 
     pub fn send_text(&mut self, text: &str) {
@@ -156,6 +175,60 @@ impl Client {
             }
         }
     }
+}
+
+/// The value of one exact series line (`name{labels} value`) in Prometheus text.
+pub fn series_value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("series {series} not found in metrics:\n{text}"))
+}
+
+/// The value of one series of the hub's `GET /metrics`, written as it appears there:
+/// `ringhub_connections`, `ringhub_errors_total{code="rate_limited"}`.
+pub fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let (status, text) = http(addr, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200, "GET /metrics: {text}");
+    series_value(&text, series)
+}
+
+/// Wait (up to WAIT) until the hub counts exactly `n` open WebSocket connections: closed and
+/// reset clients must be noticed and forgotten.
+pub fn wait_for_open_connections(hub: &Hub, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let open = metric(hub.addr, "ringhub_connections");
+        if open == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ringhub_connections stays at {open}, expected {n}: connections leaked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client that landed on `shard` (the kernel spreads connections by hash; others are dropped).
+pub fn client_on_shard(addr: SocketAddr, shard: usize) -> Client {
+    for _ in 0..500 {
+        let c = Client::connect(addr);
+        if c.shard() == shard {
+            return c;
+        }
+    }
+    panic!("could not get a connection on shard {shard} in 500 tries");
+}
+
+/// The shard part of a connection id (`<instance>-<shard>-<key>-<seq>`).
+pub fn shard_of(connection_id: &str) -> usize {
+    connection_id.rsplit('-').nth(2).unwrap().parse().unwrap()
 }
 
 /// Connect clients until one lands on each of the wanted shards (the kernel spreads connections
