@@ -65,6 +65,10 @@ pub struct Config {
     pub max_http_body: Option<usize>,
     /// Instance id used in connection ids and the welcome. Default: random per process start.
     pub instance_id: Option<String>,
+    /// Use monoio's epoll (legacy) driver instead of io_uring. Default false: the Fusion driver
+    /// picks io_uring and falls back to epoll by itself where io_uring is unavailable (e.g. some
+    /// container seccomp profiles); this forces the fallback, to test it or to compare.
+    pub epoll: bool,
     /// Serve `GET /echo`: a WebSocket endpoint that sends every text or binary message back,
     /// through the same connection, codec and outbox code as `/ws`. For conformance testing
     /// (Autobahn); off by default.
@@ -195,6 +199,7 @@ impl Default for Config {
             api_key: None,
             max_http_body: None,
             instance_id: None,
+            epoll: false,
             echo: false,
             redis: None,
             registry_core: None,

@@ -85,6 +85,9 @@ struct ServeArgs {
     /// Instance id used in connection ids [default: random at each start].
     #[arg(long, env = "RINGHUB_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// I/O driver: `auto` (io_uring, falling back to epoll where unavailable) or `epoll`.
+    #[arg(long, env = "RINGHUB_IO_DRIVER", default_value = "auto", value_parser = ["auto", "epoll"])]
+    io_driver: String,
     /// Serve `GET /echo` (echoes every message; for conformance tests such as Autobahn).
     #[arg(long, env = "RINGHUB_ECHO")]
     echo: bool,
@@ -208,6 +211,7 @@ impl ServeArgs {
             api_key: self.api_key,
             max_http_body: None,
             instance_id: self.instance_id,
+            epoll: self.io_driver == "epoll",
             echo: self.echo,
             redis: self.redis.map(|mut r| {
                 if self.redis_password.is_some() {

@@ -353,14 +353,28 @@ fn shard_main(ctx: ShardStart) {
             .ready
             .send(Err(ServerError::Shard { shard: id, message }));
     };
-    let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .with_entries(2048)
-        .enable_timer()
-        .build()
-    {
+    let built = if ctx.cfg.epoll {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(Into::into)
+    } else {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .with_entries(2048)
+            .enable_timer()
+            .build()
+    };
+    let mut rt = match built {
         Ok(rt) => rt,
         Err(e) => return fail(format!("runtime: {e}")),
     };
+    if id == 0 {
+        let driver = match &rt {
+            monoio::FusionRuntime::Uring(_) => "io_uring",
+            monoio::FusionRuntime::Legacy(_) => "epoll",
+        };
+        tracing::info!(driver, "I/O driver");
+    }
     rt.block_on(async move {
         let opts = monoio::net::ListenerOpts::new()
             .reuse_port(true)
