@@ -299,3 +299,102 @@ fn text_of(frame: &Frame) -> String {
         other => panic!("expected a string, got {other:?}"),
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Registry helpers (tests/registry.rs): typed replies for the key commands the registry uses.
+// ------------------------------------------------------------------------------------------------
+
+impl RedisServer {
+    /// The PID of the running `redis-server` (None after [`RedisServer::kill`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl RedisClient {
+    /// `GET key` as text; `None` when the key does not exist.
+    pub fn get(&mut self, key: &str) -> Option<String> {
+        match self.command(&[b"GET", key.as_bytes()]) {
+            Frame::Bulk(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+            Frame::Null => None,
+            other => panic!("GET {key} replied {other:?}"),
+        }
+    }
+
+    /// `PTTL key` in milliseconds: -2 when the key does not exist, -1 when it has no TTL.
+    pub fn pttl(&mut self, key: &str) -> i64 {
+        self.integer(&[b"PTTL", key.as_bytes()])
+    }
+
+    /// `EXISTS key...`: how many of `keys` exist (0 for an empty list).
+    pub fn exists(&mut self, keys: &[String]) -> i64 {
+        keys.chunks(500)
+            .map(|chunk| {
+                let mut args: Vec<&[u8]> = vec![b"EXISTS"];
+                args.extend(chunk.iter().map(|k| k.as_bytes()));
+                self.integer(&args)
+            })
+            .sum()
+    }
+
+    /// `SMEMBERS key`, sorted (empty when the key does not exist).
+    pub fn smembers(&mut self, key: &str) -> Vec<String> {
+        match self.command(&[b"SMEMBERS", key.as_bytes()]) {
+            Frame::Array(items) | Frame::Set(items) => {
+                let mut v: Vec<String> = items.iter().map(text_of).collect();
+                v.sort();
+                v
+            }
+            other => panic!("SMEMBERS {key} replied {other:?}"),
+        }
+    }
+
+    /// Every key matching `pattern`, by a full `SCAN` iteration, sorted.
+    pub fn scan(&mut self, pattern: &str) -> Vec<String> {
+        let mut cursor = "0".to_string();
+        let mut keys = Vec::new();
+        loop {
+            let reply = self.command(&[
+                b"SCAN",
+                cursor.as_bytes(),
+                b"MATCH",
+                pattern.as_bytes(),
+                b"COUNT",
+                b"1000",
+            ]);
+            let Frame::Array(parts) = reply else {
+                panic!("SCAN replied {reply:?}");
+            };
+            let [next, Frame::Array(batch)] = parts.as_slice() else {
+                panic!("unexpected SCAN reply {parts:?}");
+            };
+            keys.extend(batch.iter().map(text_of));
+            cursor = text_of(next);
+            if cursor == "0" {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// `calls` of one command in `INFO commandstats` (0 if it was never called).
+    pub fn command_calls(&mut self, command: &str) -> i64 {
+        let text = match self.command(&[b"INFO", b"commandstats"]) {
+            Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+            other => panic!("INFO commandstats replied {other:?}"),
+        };
+        let prefix = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn integer(&mut self, args: &[&[u8]]) -> i64 {
+        match self.command(args) {
+            Frame::Integer(n) => n,
+            other => panic!("{} replied {other:?}", String::from_utf8_lossy(args[0])),
+        }
+    }
+}
