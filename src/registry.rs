@@ -52,6 +52,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bound on the final cleanup at shutdown.
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(5);
+/// How long events are collected before a turn: short when quiet (registration lands within a
+/// few ms), longer after a busy turn so that a burst of connects goes out in a handful of
+/// pipelines (10,000 connects in a second: about 5 round trips).
+const BATCH_QUIET: Duration = Duration::from_millis(2);
+const BATCH_BUSY: Duration = Duration::from_millis(200);
+/// A turn with at least this many events counts as busy.
+const BUSY_EVENTS: usize = 256;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
@@ -243,6 +250,10 @@ struct Registry {
     /// Rebuild and rewrite everything on the next connected turn.
     resync: bool,
     shutdown: bool,
+    /// The first heartbeat has been written.
+    joined: bool,
+    /// Register/unregister events handled in the last turn (drives the batching delay).
+    last_turn_events: usize,
     redis: Option<RedisConn>,
     next_connect: Instant,
     backoff: Duration,
@@ -265,6 +276,8 @@ impl Registry {
             seen_dropped: 0,
             resync: true,
             shutdown: false,
+            joined: false,
+            last_turn_events: 0,
             redis: None,
             next_connect: Instant::now(),
             backoff: BACKOFF_MIN,
@@ -291,8 +304,16 @@ impl Registry {
                 self.connect().await;
             }
             if self.redis.is_some() {
-                if let Err(e) = self.turn().await {
-                    self.down(&e);
+                // A Redis that stops answering must not stall the registry (or shutdown): each
+                // turn is bounded, and a turn that times out drops the connection.
+                let budget = (self.ctx.timing.heartbeat_ttl / 2).min(Duration::from_secs(5));
+                match monoio::time::timeout(budget, self.turn()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => self.down(&e),
+                    Err(_) => self.down(&io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "Redis did not answer the registry in time",
+                    )),
                 }
             } else {
                 self.fail_requests();
@@ -306,8 +327,13 @@ impl Registry {
                 let ready = pin!(self.ctx.queue.ready());
                 let timer = pin!(monoio::time::sleep(wait));
                 if let Either::Left(_) = select(ready, timer).await {
-                    // Let a burst of connects accumulate a little so it goes out as one pipeline.
-                    monoio::time::sleep(Duration::from_millis(2)).await;
+                    // Let a burst of connects accumulate so it goes out as one pipeline.
+                    let batch = if self.last_turn_events >= BUSY_EVENTS {
+                        BATCH_BUSY
+                    } else {
+                        BATCH_QUIET
+                    };
+                    monoio::time::sleep(batch).await;
                 }
             }
         }
@@ -346,18 +372,24 @@ impl Registry {
         }
         let mut fresh = HashMap::new();
         for rx in pending {
-            if let Ok(records) = rx.await {
+            if let Ok(mut records) = rx.await {
+                for r in records.iter_mut() {
+                    // Shards do not keep peer addresses; keep the one we already knew.
+                    if let Some(known) = self.conns.get(&r.id) {
+                        r.remote = known.remote;
+                        r.connected_at = known.connected_at;
+                    }
+                }
                 for r in records {
                     fresh.insert(r.id.clone(), r);
                 }
             }
         }
-        // Events queued while the snapshots were taken may be older or newer than the snapshot;
-        // drain them now and let the snapshot win for ids it contains.
+        // The snapshots are the truth as of when each shard took it. Events queued since were
+        // pushed after it (per-shard FIFO), so applying them on top in order is correct; events
+        // from before it only repeat what the snapshot already shows.
+        self.conns = fresh;
         self.drain();
-        for (id, rec) in fresh {
-            self.conns.insert(id, rec);
-        }
         self.resync = true;
     }
 
@@ -456,6 +488,7 @@ impl Registry {
             self.resync = false;
         }
 
+        self.last_turn_events = self.to_del.len() + self.to_set.len();
         // Deletions first (an id reconnecting after a drop is re-added below).
         let dels = std::mem::take(&mut self.to_del);
         n += encode_conn_deletes(&mut cmds, &self.keys, &dels);
@@ -504,6 +537,7 @@ impl Registry {
 
         // Heartbeat.
         let heartbeat = now >= self.next_heartbeat;
+        let mut joined_reply = None;
         if heartbeat {
             let key = self.keys.instance(&me);
             let json = self.instance_json();
@@ -520,6 +554,7 @@ impl Registry {
                 ],
             );
             let set = self.keys.instances();
+            joined_reply = Some(n);
             push(&mut cmds, &mut n, &[b"SADD", set.as_bytes(), me.as_bytes()]);
             // The index outlives this instance by long enough for a survivor to clean up.
             let index_ttl = ms(self.ctx.timing.conn_ttl + self.ctx.timing.heartbeat_ttl * 2);
@@ -535,6 +570,18 @@ impl Registry {
             let replies = self.redis()?.pipeline(cmds, n).await?;
             if let Some(Frame::Error(e)) = replies.iter().find(|f| matches!(f, Frame::Error(_))) {
                 tracing::warn!(error = %String::from_utf8_lossy(e), "Redis refused a registry write");
+            }
+            // Re-joining the instance set after the first heartbeat means another instance took
+            // us for dead (we were stalled past our TTL) and removed our keys: rewrite them.
+            let rejoined = joined_reply.and_then(|i| replies.get(i)) == Some(&Frame::Integer(1));
+            if rejoined && self.joined {
+                tracing::warn!(
+                    "this instance was taken for dead and cleaned up; rewriting its keys"
+                );
+                self.resync = true;
+            }
+            if joined_reply.is_some() {
+                self.joined = true;
             }
         }
 

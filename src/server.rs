@@ -87,7 +87,16 @@ impl ServerHandle {
             // The queue only fills if the registry is stuck; give it a moment, then give up.
             for _ in 0..200 {
                 if queue.push(RegEvent::Shutdown).is_ok() {
-                    let _ = thread.join();
+                    // Its final cleanup is bounded (5 s); do not wait forever on a stuck Redis.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+                    while !thread.is_finished() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    if thread.is_finished() {
+                        let _ = thread.join();
+                    } else {
+                        tracing::warn!("the registry did not finish its cleanup in time");
+                    }
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));

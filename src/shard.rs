@@ -305,7 +305,11 @@ impl Shard {
             id: self.conn_id(key),
             shard: self.id,
             remote: remote.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-            connected_at: self.conns[key].connected_at as u64 * 1000,
+            connected_at: if remote.is_some() {
+                crate::registry::unix_ms()
+            } else {
+                self.conns[key].connected_at as u64 * 1000
+            },
         }
     }
 
