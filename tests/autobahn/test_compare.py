@@ -58,7 +58,8 @@ class Compare(unittest.TestCase):
                                       capture_output=True, text=True)
 
             self.assertEqual(run(index, expected, "--update").returncode, 0)
-            self.assertEqual(json.load(open(expected)), {"1.1.1": "OK", "1.1.2": "FAILED"})
+            with open(expected) as f:
+                self.assertEqual(json.load(f), {"1.1.1": "OK", "1.1.2": "FAILED"})
             self.assertEqual(run(index, expected).returncode, 0)
             with open(expected, "w") as f:
                 json.dump({"1.1.1": "OK", "1.1.2": "OK"}, f)
