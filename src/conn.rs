@@ -569,7 +569,14 @@ impl ConnTask {
                         Flush::Failed => return WsEnd::Drop,
                         Flush::Blocked => {
                             shard.borrow_mut().conns[key].write_blocked = true;
-                            if stream.writable(false).await.is_err() {
+                            // Wait for room in the socket, or a kick (a close queued meanwhile,
+                            // or the sweep shutting the socket), whichever comes first.
+                            let failed = matches!(
+                                select(pin!(stream.writable(false)), pin!(kicked(shard, key)))
+                                    .await,
+                                Either::Left((Err(_), _))
+                            );
+                            if failed {
                                 return WsEnd::Drop;
                             }
                             if shard.borrow().conns[key].phase == Phase::Dead {
