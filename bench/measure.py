@@ -12,14 +12,13 @@ ringhub-load's "setup done" line to its first report line; for `idle`/`connect`,
   context).
 Headline: server CPU per delivery = (server + aux + ksoftirqd CPU) / deliveries.
 
-Appends one JSON object per run to DIR/runs.jsonl and keeps ringhub-load's output in
-DIR/logs/<server>-<scenario>.txt; the .hgrm file (passed by the caller with --hgrm) lands beside.
+Appends one JSON object per run to DIR/runs.jsonl (ringhub-load's own --json summary is kept in
+DIR/json/, its text output in DIR/logs/<server>-<scenario>.txt; the caller passes --hgrm).
 """
 
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -83,41 +82,43 @@ def diff(a, b, key):
     return b[key] - a[key]
 
 
-NUM = r"([0-9.]+)"
-
-
-def parse_report(text):
-    """Pull the figures out of ringhub-load's report (fanout, idle or connect)."""
+def from_summary(j):
+    """The figures we tabulate, from ringhub-load's --json summary (fanout, idle or connect)."""
     r = {}
-
-    def grab(name, pattern, conv=float):
-        m = re.search(pattern, text, re.M)
-        if m:
-            r[name] = conv(m.group(1))
-
-    grab("deliveries", r"^\s+deliveries\s+(\d+)", int)
-    grab("window_deliveries", r"^\s+deliveries\s+\d+ \((\d+) in the measured", int)
-    grab("deliveries_per_s", r"^\s+deliveries/s\s+" + NUM)
-    grab("publishes", r"^\s+publishes sent\s+(\d+)", int)
-    grab("expected", r"^\s+expected\s+(\d+)", int)
-    grab("delivered_pct", r"^\s+delivered\s+\d+ \(" + NUM + "%")
-    grab("lost", r"^\s+lost\s+(\d+)", int)
-    grab("duplicates", r"^\s+duplicates\s+(\d+)", int)
-    grab("reordered", r"^\s+reordered\s+(\d+)", int)
-    m = re.search(r"latency µs\s+(.*)", text)
-    if m:
-        for k, v in re.findall(r"(p[0-9.]+|max)\s+([0-9.]+)", m.group(1)):
-            r["lat_" + k.replace(".", "_") + "_us"] = float(v)
-    grab("loadgen_cpu_s", r"load gen CPU\s+" + NUM + " s")
-    grab("loadgen_core_pct", r"load gen CPU.*= " + NUM + "% of one core")
-    grab("reported_hub_cpu_s", r"hub CPU\s+" + NUM + " s")
-    r["loadgen_warning"] = "WARNING: the load generator" in text
-    # idle
-    grab("established", r"^\s+established\s+(\d+)", int)
-    grab("connect_rate", r"^\s+established\s+\d+ in [0-9.]+ s \(" + NUM + "/s\\)")
-    grab("failed", r"^\s+failed\s+(\d+)", int)
-    grab("rss_per_conn_b", r"hub RSS.*= (-?[0-9.]+) B per idle connection")
-    grab("rss_before_mib", r"hub RSS\s+" + NUM)
+    c = j.get("counts", {})
+    cpu = j.get("cpu", {})
+    lat = j.get("latency_us", {})
+    if j.get("scenario") == "fanout":
+        r["deliveries"] = c.get("delivered")
+        r["window_deliveries"] = c.get("deliveries_in_window")
+        r["deliveries_per_s"] = j.get("deliveries_per_s")
+        r["publishes"] = c.get("publishes_sent")
+        r["expected"] = c.get("expected")
+        if c.get("expected"):
+            r["delivered_pct"] = c["delivered"] * 100.0 / c["expected"]
+        for k in ("lost", "duplicates", "reordered"):
+            r[k] = c.get(k)
+    else:
+        r["established"] = c.get("established")
+        r["failed"] = c.get("failed")
+        r["connect_rate"] = j.get("connections_per_s")
+        mem = j.get("memory", {})
+        r["rss_per_conn_b"] = mem.get("server", {}).get("bytes_per_connection")
+        r["open_at_measure"] = mem.get("open_at_measure")
+    for k in ("p50", "p90", "p99", "p99_9", "p99_99", "max"):
+        if k in lat:
+            r[f"lat_{k}_us"] = lat[k]
+    r["lat_samples"] = lat.get("samples")
+    r["loadgen_cpu_s"] = cpu.get("load_generator_s")
+    if cpu.get("wall_s"):
+        r["loadgen_core_pct"] = (cpu.get("load_generator_s") or 0) * 100.0 / cpu["wall_s"]
+    waits = [w for w in cpu.get("load_generator_threads_wait_s") or [] if w is not None]
+    r["loadgen_wait_s"] = sum(waits) if waits else None
+    r["reported_hub_cpu_s"] = cpu.get("server_s")
+    r["reported_softirq_s"] = cpu.get("server_softirq_s")
+    r["server_wait_s"] = cpu.get("server_wait_s")
+    r["warnings"] = j.get("warnings", [])
+    r["loadgen_warning"] = any("bottleneck" in w or "saturat" in w for w in r["warnings"])
     return r
 
 
@@ -129,12 +130,19 @@ def main():
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("--aux", type=int, action="append", default=[])
     ap.add_argument("--cpu", type=int, default=0)
+    ap.add_argument("--rep", type=int, default=1, help="pass number (tables aggregate passes)")
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
     os.makedirs(os.path.join(a.results, "logs"), exist_ok=True)
-    log_path = os.path.join(a.results, "logs", f"{a.server}-{a.scenario}.txt")
+    tag = f"{a.server}-{a.scenario}" + (f".rep{a.rep}" if a.rep > 1 else "")
+    log_path = os.path.join(a.results, "logs", f"{tag}.txt")
+    os.makedirs(os.path.join(a.results, "json"), exist_ok=True)
+    json_path = os.path.join(a.results, "json", f"{tag}.json")
+    if os.path.exists(json_path):
+        os.remove(json_path)
+    cmd = cmd + ["--json", json_path]
 
     ksoft = ksoftirqd_pid(a.cpu)
     sampler = Sampler([a.pid] + a.aux, ksoft, a.cpu)
@@ -177,6 +185,7 @@ def main():
     rec = {
         "server": a.server,
         "scenario": a.scenario,
+        "rep": a.rep,
         "pid": a.pid,
         "exit": rc,
         "command": " ".join(cmd),
@@ -191,11 +200,17 @@ def main():
     rec["ksoftirqd_cpu_s"] = diff(a0, a1, "ksoftirqd")
     rec["core_busy_s"] = diff(a0, a1, "core_busy")
     rec["core_softirq_s"] = diff(a0, a1, "core_softirq")
-    rec.update(parse_report(out))
+    try:
+        with open(json_path) as f:
+            rec.update(from_summary(json.load(f)))
+    except (OSError, ValueError) as e:
+        rec["error"] = f"no summary from ringhub-load: {e}"
     total = None
     if rec["server_cpu_s"] is not None:
         total = rec["server_cpu_s"] + rec["aux_cpu_s"] + (rec["ksoftirqd_cpu_s"] or 0.0)
     rec["total_cpu_s"] = total
+    if total is not None and rec.get("established") and not rec.get("deliveries"):
+        rec["cpu_per_connection_us"] = total * 1e6 / rec["established"]
     if total is not None and rec.get("deliveries"):
         rec["cpu_per_delivery_us"] = total * 1e6 / rec["deliveries"]
         rec["server_only_per_delivery_us"] = (
@@ -217,10 +232,15 @@ def main():
             f"  p99 {rec.get('lat_p99_us', float('nan')):.0f} µs"
             f"  server core {rec['server_core_pct']:.0f}%  loadgen {rec.get('loadgen_core_pct', 0):.0f}%"
         )
-    if "rss_per_conn_b" in rec:
+    if rec.get("rss_per_conn_b") is not None:
         line += f" {rec['rss_per_conn_b']:.0f} B RSS per idle connection ({rec.get('established')} open)"
-    if "connect_rate" in rec and "rss_per_conn_b" not in rec:
-        line += f" {rec['connect_rate']:.0f} connects/s"
+    if rec.get("connect_rate") is not None:
+        line += (
+            f" {rec['connect_rate']:.0f} connects/s, {rec.get('cpu_per_connection_us', 0):.0f} µs"
+            f" server CPU per connection, p99 {rec.get('lat_p99_us', 0):.0f} µs"
+        )
+    for w in rec.get("warnings", []):
+        line += f"\n    ringhub-load: {w}"
     if rc != 0:
         line += f"  [ringhub-load exit {rc}: see {log_path}]"
     print(line, flush=True)

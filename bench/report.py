@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import sys
 
 SERVER_ORDER = ["ringhub", "ringhub-redis", "minimal", "uws", "tokio-hub", "node-ws-redis"]
@@ -21,30 +22,55 @@ SCENARIO_TITLES = {
     "f1k-r200": "1 publisher → 1,000 subscribers, 200 msg/s",
     "f10k-r50": "1 publisher → 10,000 subscribers, 50 msg/s",
     "f10k-max": "1 publisher → 10,000 subscribers, closed loop (window 16)",
-    "redis-f1k-r200": "Through Redis: 1 publisher → 1,000 subscribers, 200 msg/s",
+    "redis-f1k-r50": "Cross-instance through Redis: publisher on instance A, 1,000 subscribers on "
+    "instance B, 50 msg/s",
 }
 CSV_FIELDS = [
-    "server", "scenario", "exit", "deliveries", "window_deliveries", "deliveries_per_s",
+    "server", "scenario", "rep", "exit", "deliveries", "window_deliveries", "deliveries_per_s",
     "delivered_pct", "lost", "duplicates", "reordered", "lat_p50_us", "lat_p90_us", "lat_p99_us",
     "lat_p99_9_us", "lat_p99_99_us", "lat_max_us", "server_cpu_s", "aux_cpu_s",
     "ksoftirqd_cpu_s", "total_cpu_s", "core_busy_s", "core_softirq_s", "window_s",
     "cpu_per_delivery_us", "server_only_per_delivery_us", "core_busy_per_delivery_us",
     "server_core_pct", "loadgen_cpu_s", "loadgen_core_pct", "loadgen_warning",
-    "reported_hub_cpu_s", "established", "failed", "connect_rate", "rss_per_conn_b", "command",
+    "reported_hub_cpu_s", "reported_softirq_s", "server_wait_s", "loadgen_wait_s", "established",
+    "failed", "connect_rate", "cpu_per_connection_us", "rss_per_conn_b", "open_at_measure",
+    "command",
 ]
 
 
 def load(path):
-    runs = []
+    """One aggregated record per (server, scenario): the median of every number over the passes
+    (bench/run.sh BENCH_REPEAT), with the spread of the headline figures kept beside it."""
+    groups = {}
     with open(os.path.join(path, "runs.jsonl")) as f:
         for line in f:
             if line.strip():
-                runs.append(json.loads(line))
-    # A scenario re-run replaces the earlier record.
-    by_key = {}
-    for r in runs:
-        by_key[(r["server"], r["scenario"])] = r
-    return list(by_key.values())
+                r = json.loads(line)
+                groups.setdefault((r["server"], r["scenario"]), []).append(r)
+    out = []
+    for (server, scenario), rs in groups.items():
+        agg = dict(rs[0])
+        agg["reps"] = len(rs)
+        keys = {k for r in rs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k in keys:
+            vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
+            if vals:
+                agg[k] = statistics.median(vals)
+                agg[k + "_min"], agg[k + "_max"] = min(vals), max(vals)
+        agg["warnings"] = [w for r in rs for w in (r.get("warnings") or [])]
+        agg["loadgen_warning"] = any(r.get("loadgen_warning") for r in rs)
+        out.append(agg)
+    return out
+
+
+def spread(r, key, digits):
+    """`median (min–max)` when there were several passes."""
+    v = r.get(key)
+    if v is None:
+        return "–"
+    if r.get("reps", 1) > 1 and r.get(key + "_min") is not None:
+        return f"{fmt(v, digits)} ({fmt(r[key + '_min'], digits)}–{fmt(r[key + '_max'], digits)})"
+    return fmt(v, digits)
 
 
 def order(servers):
@@ -97,11 +123,11 @@ def fanout_tables(runs, out):
             ks_per = ks * 1e6 / r["deliveries"] if ks is not None and r.get("deliveries") else None
             warn = " ⚠" if r.get("loadgen_warning") else ""
             out.append(
-                f"| {s} | {fmt(r.get('cpu_per_delivery_us'), 3)} "
+                f"| {s} | {spread(r, 'cpu_per_delivery_us', 3)} "
                 f"| {ratio(base and base.get('cpu_per_delivery_us'), r.get('cpu_per_delivery_us'))} "
                 f"| {fmt(ks_per, 3)} | {fmt(r.get('deliveries_per_s'))} "
                 f"| {fmt(r.get('delivered_pct'), 3)}% | {fmt(r.get('lat_p50_us'), 0)} "
-                f"| {fmt(r.get('lat_p99_us'), 0)} | {fmt(r.get('lat_p99_9_us'), 0)} "
+                f"| {spread(r, 'lat_p99_us', 0)} | {fmt(r.get('lat_p99_9_us'), 0)} "
                 f"| {ratio(base and base.get('lat_p99_us'), r.get('lat_p99_us'))} "
                 f"| {fmt(r.get('server_core_pct'), 0)} | {fmt(r.get('loadgen_core_pct'), 0)}{warn} |"
             )
@@ -115,7 +141,13 @@ def summary_table(runs, out):
     scenarios = [s for s in SCENARIO_TITLES if any(r["scenario"] == s for r in fan)]
     servers = order({r["server"] for r in fan})
     cell = {(r["server"], r["scenario"]): r["cpu_per_delivery_us"] for r in fan}
-    out.append("### Server CPU per delivery, µs (server process + its core's ksoftirqd), all scenarios\n")
+    recs = {(r["server"], r["scenario"]): r for r in fan}
+    reps = max(r.get("reps", 1) for r in fan)
+    note = f", median (min–max) of {reps} passes" if reps > 1 else ""
+    out.append(
+        "### Server CPU per delivery, µs (server process + its core's ksoftirqd)"
+        f"{note}; ratio = ringhub ÷ server\n"
+    )
     out.append("| server | " + " | ".join(f"`{s}`" for s in scenarios) + " |")
     out.append("|---|" + "---:|" * len(scenarios))
     for s in servers:
@@ -126,9 +158,9 @@ def summary_table(runs, out):
             if v is None:
                 cells.append("–")
             elif s == "ringhub":
-                cells.append(f"{v:.3f}")
+                cells.append(spread(recs[(s, sc)], "cpu_per_delivery_us", 3))
             else:
-                cells.append(f"{v:.3f} (ringhub ÷ = {ratio(b, v)})")
+                cells.append(f"{spread(recs[(s, sc)], 'cpu_per_delivery_us', 3)}; ratio {ratio(b, v)}")
         out.append(f"| {s} | " + " | ".join(cells) + " |")
     out.append("")
 
@@ -164,7 +196,7 @@ def idle_table(runs, out):
         [
             ("open", "established", 0, False),
             ("B per idle connection", "rss_per_conn_b", 0, True),
-            ("connects/s while opening", "connect_rate", 0, False),
+            ("server CPU µs per connection", "cpu_per_connection_us", 0, False),
         ],
     )
 
@@ -179,9 +211,25 @@ def connect_table(runs, out):
             ("established", "established", 0, False),
             ("failed", "failed", 0, False),
             ("connects/s", "connect_rate", 0, True),
-            ("server CPU s", "total_cpu_s", 2, False),
+            ("server CPU µs per connection", "cpu_per_connection_us", 0, True),
+            ("connect→welcome p50 µs", "lat_p50_us", 0, False),
+            ("p99 µs", "lat_p99_us", 0, True),
         ],
     )
+
+
+def conditions(runs, out):
+    """Runs in which ringhub-load saw contention or a saturated load generator."""
+    rows = []
+    for r in sorted(runs, key=lambda r: (r["scenario"], r["server"])):
+        for w in sorted(set(r.get("warnings") or [])):
+            rows.append(f"| `{r['scenario']}` | {r['server']} | {w} |")
+    if rows:
+        out.append("### Warnings from ringhub-load\n")
+        out.append("| scenario | server | warning |")
+        out.append("|---|---|---|")
+        out.extend(rows)
+        out.append("")
 
 
 def main():
@@ -190,17 +238,21 @@ def main():
     ap.add_argument("--csv")
     a = ap.parse_args()
     runs = load(a.dir)
+    raw = []
+    with open(os.path.join(a.dir, "runs.jsonl")) as f:
+        raw = [json.loads(line) for line in f if line.strip()]
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
             w.writeheader()
-            for r in sorted(runs, key=lambda r: (r["scenario"], r["server"])):
+            for r in sorted(raw, key=lambda r: (r["scenario"], r["server"], r.get("rep", 1))):
                 w.writerow(r)
     out = []
     summary_table(runs, out)
     fanout_tables(runs, out)
     idle_table(runs, out)
     connect_table(runs, out)
+    conditions(runs, out)
     out.append(
         "Ratios are ringhub ÷ server (ringhub-redis ÷ server for Redis scenarios): below 1 "
         "ringhub costs less (CPU, latency, bytes). ⚠: the load generator warned that it may have "

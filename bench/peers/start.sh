@@ -8,7 +8,12 @@
 # returns once the port accepts connections and prints one line: the server's PID, followed by
 # the PIDs of helper processes that belong to it and run on the same core (the redis-server of
 # node-ws-redis and ringhub-redis). Stop them all by those PIDs. Logs go to $BENCH_LOG_DIR
-# (default /tmp). Build/install first with bench/peers/setup.sh.
+# (default /tmp). With REDIS_PORT set, the Redis-mode servers use that redis-server instead of
+# starting their own (several instances on one bus). RINGHUB_BIN / MINIMAL_BIN override the
+# binaries (default: target/release/). ringhub runs with --max-publish-rate 0 (the peers have no
+# publish rate limit, and closed-loop runs publish faster than its default 1000/s per
+# connection). Build/install first with
+# bench/peers/setup.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -43,6 +48,10 @@ wait_port() { # PORT PID: wait until PORT accepts connections (or PID died)
 }
 
 start_redis() { # prints the redis-server PID and port
+  if [ -n "${REDIS_PORT:-}" ]; then
+    echo "- $REDIS_PORT"
+    return 0
+  fi
   local rport
   rport=$(free_port)
   if [ "$rport" = 6379 ]; then rport=$(free_port); fi
@@ -56,28 +65,28 @@ start_redis() { # prints the redis-server PID and port
 aux=""
 case "$name" in
   ringhub)
-    taskset -c "$cpu" "$root/target/release/ringhub" serve --listen "127.0.0.1:$port" \
-      --shards 1 --cpus "$cpu" --log warn >"$log" 2>&1 &
+    taskset -c "$cpu" "${RINGHUB_BIN:-$root/target/release/ringhub}" serve --listen "127.0.0.1:$port" \
+      --shards 1 --cpus "$cpu" --log warn --max-publish-rate 0 >"$log" 2>&1 &
     ;;
   ringhub-redis)
     read -r rpid rport < <(start_redis) && [ -n "${rport:-}" ] || exit 1
-    aux=$rpid
-    taskset -c "$cpu" "$root/target/release/ringhub" serve --listen "127.0.0.1:$port" \
-      --shards 1 --cpus "$cpu" --log warn --redis "redis://127.0.0.1:$rport" >"$log" 2>&1 &
+    [ "$rpid" = - ] || aux=$rpid
+    taskset -c "$cpu" "${RINGHUB_BIN:-$root/target/release/ringhub}" serve --listen "127.0.0.1:$port" \
+      --shards 1 --cpus "$cpu" --log warn --max-publish-rate 0 --redis "redis://127.0.0.1:$rport" >"$log" 2>&1 &
     ;;
   uws)
     taskset -c "$cpu" node "$here/uws/server.js" "$port" >"$log" 2>&1 &
     ;;
   node-ws-redis)
     read -r rpid rport < <(start_redis) && [ -n "${rport:-}" ] || exit 1
-    aux=$rpid
+    [ "$rpid" = - ] || aux=$rpid
     taskset -c "$cpu" node "$here/node-ws-redis/server.js" "$port" "$rport" >"$log" 2>&1 &
     ;;
   tokio-hub)
     taskset -c "$cpu" "$here/tokio-hub/target/release/tokio-hub" "$port" >"$log" 2>&1 &
     ;;
   minimal)
-    taskset -c "$cpu" "$root/target/release/minimal-peer" "$port" >"$log" 2>&1 &
+    taskset -c "$cpu" "${MINIMAL_BIN:-$root/target/release/minimal-peer}" "$port" >"$log" 2>&1 &
     ;;
   *)
     echo "start.sh: unknown server $name (ringhub, ringhub-redis, uws, node-ws-redis, tokio-hub, minimal)" >&2
