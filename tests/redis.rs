@@ -75,17 +75,6 @@ fn holds_for(period: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// The next text frame as its exact text (pings and pongs are skipped).
-fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.ws.read().expect("read a message") {
-            Message::Text(t) => return t.as_str().to_owned(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text message, got {other:?}"),
-        }
-    }
-}
-
 /// The next text frame, or `None` if none arrives before `deadline`.
 fn recv_text_by(c: &mut Client, deadline: Instant) -> Option<String> {
     loop {
@@ -117,7 +106,7 @@ fn recv_text_by(c: &mut Client, deadline: Instant) -> Option<String> {
 fn assert_alive(c: &mut Client, id: &str) {
     c.send_text(&format!(r#"{{"type":"ping","id":"{id}"}}"#));
     assert_eq!(
-        recv_text(c),
+        c.recv_text(),
         format!(r#"{{"type":"pong","id":"{id}"}}"#),
         "expected only the pong for ping {id:?}"
     );
@@ -199,7 +188,7 @@ fn cross_instance_delivery_both_directions() {
             .collect()
     };
     for (i, s) in subs.iter_mut().enumerate() {
-        let got: Vec<String> = (0..2 * N).map(|_| recv_text(s)).collect();
+        let got: Vec<String> = (0..2 * N).map(|_| s.recv_text()).collect();
         for from in ["a", "b"] {
             let mine: Vec<String> = got
                 .iter()
@@ -246,7 +235,7 @@ fn per_publisher_order_over_10k_messages_across_instances() {
         .map(|(i, mut c)| {
             thread::spawn(move || {
                 for seq in 0..N {
-                    let text = recv_text(&mut c);
+                    let text = c.recv_text();
                     if text != message("order", &seq.to_string()) {
                         panic!(
                             "subscriber {i} (instance {}, shard {}): message {seq} is {text}",
@@ -300,14 +289,14 @@ fn backend_publish_through_redis_reaches_websocket_subscribers() {
     assert_eq!(receivers, 4, "PUBLISH reached one subscription per shard");
     for s in &mut subs {
         assert_eq!(
-            recv_text(s),
+            s.recv_text(),
             r#"{"type":"message","channel":"news","data":{"headline":"x"}}"#
         );
     }
     // Surrounding JSON whitespace is trimmed, the value kept as sent.
     rc.publish("ws:chan:news", b" \t[1, 2]\r\n");
     for s in &mut subs {
-        assert_eq!(recv_text(s), message("news", "[1, 2]"));
+        assert_eq!(s.recv_text(), message("news", "[1, 2]"));
     }
 
     // Anything that is not one JSON value arrives as a JSON string: never as broken JSON.
@@ -323,7 +312,7 @@ fn backend_publish_through_redis_reaches_websocket_subscribers() {
         rc.publish("ws:chan:news", payload);
         let want = String::from_utf8_lossy(payload).into_owned();
         for s in &mut subs {
-            let text = recv_text(s);
+            let text = s.recv_text();
             let v: Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("server sent invalid JSON {text:?}: {e}"));
             assert_eq!(v["type"], "message", "{text}");
@@ -383,7 +372,7 @@ fn redis_subscriptions_are_lazy_and_one_per_shard() {
             for s in &mut subs {
                 s.send_text(r#"{"type":"unsubscribe","channel":"news","id":"u"}"#);
                 assert_eq!(
-                    recv_text(s),
+                    s.recv_text(),
                     r#"{"type":"unsubscribed","channel":"news","id":"u"}"#
                 );
             }
@@ -441,13 +430,10 @@ fn redis_subscriptions_are_lazy_and_one_per_shard() {
     // The surviving subscription works (published from the other instance).
     let mut p = Client::connect(hub_b.addr);
     p.publish_acked("churn", json!("after-churn"));
-    assert_eq!(
-        recv_text(&mut churner),
-        message("churn", r#""after-churn""#)
-    );
+    assert_eq!(churner.recv_text(), message("churn", r#""after-churn""#));
     churner.send_text(r#"{"type":"unsubscribe","channel":"churn"}"#);
     assert_eq!(
-        recv_text(&mut churner),
+        churner.recv_text(),
         r#"{"type":"unsubscribed","channel":"churn"}"#
     );
     wait_until(WAIT, "NUMSUB ws:chan:churn == 0 after unsubscribe", || {
@@ -465,8 +451,8 @@ fn redis_subscriptions_are_lazy_and_one_per_shard() {
 /// Read the three replies to a subscribe + publish (both with ids) on a fresh channel: the
 /// `subscribed` ack must come first; then the `published` ack and the message, in either order.
 fn expect_sub_pub_replies(c: &mut Client, channel: &str, data: &str, sid: &str, pid: &str) {
-    assert_eq!(recv_text(c), ack("subscribed", channel, sid));
-    let mut got = [recv_text(c), recv_text(c)];
+    assert_eq!(c.recv_text(), ack("subscribed", channel, sid));
+    let mut got = [c.recv_text(), c.recv_text()];
     got.sort();
     let mut want = [message(channel, data), ack("published", channel, pid)];
     want.sort();
@@ -488,9 +474,9 @@ fn subscribe_then_publish_receives_own_message() {
             let channel = format!("stp-{h}-{i}");
             let data = format!(r#"{{"i":{i}}}"#);
             c.send_text(&subscribe_cmd(&channel, "1"));
-            assert_eq!(recv_text(c), ack("subscribed", &channel, "1"));
+            assert_eq!(c.recv_text(), ack("subscribed", &channel, "1"));
             c.send_text(&publish_cmd(&channel, &data, Some("2")));
-            let mut got = [recv_text(c), recv_text(c)];
+            let mut got = [c.recv_text(), c.recv_text()];
             got.sort();
             let mut want = [message(&channel, &data), ack("published", &channel, "2")];
             want.sort();
@@ -634,7 +620,7 @@ fn redis_restart_on_same_port_recovers_without_client_reconnects() {
     // Baseline: it works before the outage.
     p.publish_acked("live", json!("before"));
     for s in &mut subs {
-        assert_eq!(recv_text(s), message("live", r#""before""#));
+        assert_eq!(s.recv_text(), message("live", r#""before""#));
     }
 
     redis.kill();
@@ -655,7 +641,7 @@ fn redis_restart_on_same_port_recovers_without_client_reconnects() {
     wait_until(WAIT, "a publish to be refused with unavailable", || {
         k += 1;
         p.send_text(&publish_cmd("live", r#""outage""#, Some(&k.to_string())));
-        let reply: Value = serde_json::from_str(&recv_text(&mut p)).unwrap();
+        let reply: Value = serde_json::from_str(&p.recv_text()).unwrap();
         match reply["type"].as_str() {
             Some("published") => false,
             Some("error") => {
@@ -667,7 +653,7 @@ fn redis_restart_on_same_port_recovers_without_client_reconnects() {
         }
     });
     p.send_text(&publish_cmd("live", r#""outage""#, Some(r#""again""#)));
-    let reply: Value = serde_json::from_str(&recv_text(&mut p)).unwrap();
+    let reply: Value = serde_json::from_str(&p.recv_text()).unwrap();
     assert_eq!(
         (&reply["type"], &reply["code"], &reply["id"]),
         (&json!("error"), &json!("unavailable"), &json!("again")),
@@ -763,7 +749,7 @@ fn redis_restart_on_same_port_recovers_without_client_reconnects() {
             &format!(r#"{{"probe":{probe}}}"#),
             Some("0"),
         ));
-        let reply = recv_text(&mut p);
+        let reply = p.recv_text();
         assert!(reply.contains(r#""type":"published""#), "probe: {reply}");
         thread::sleep(Duration::from_millis(200));
         while let Ok(i) = seen_rx.try_recv() {
@@ -812,7 +798,7 @@ fn metrics_count_messages_received_from_redis() {
     }
     for s in &mut subs {
         for i in 0..N {
-            assert_eq!(recv_text(s), message("metered", &i.to_string()));
+            assert_eq!(s.recv_text(), message("metered", &i.to_string()));
         }
     }
     // Every shard with a subscriber received each message from Redis once.

@@ -41,7 +41,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tungstenite::Message;
 
 /// How long registry state gets to settle (a few turns of the registry, or its reconnect backoff,
 /// capped at 5 s, after an outage).
@@ -186,23 +185,12 @@ fn wait_for_instance_count(r: &mut RedisClient, instance: &str, n: u64) -> Value
     )
 }
 
-/// The next text frame, exactly (pings and pongs are skipped).
-fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.ws.read().expect("read a message") {
-            Message::Text(t) => return t.as_str().to_owned(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text message, got {other:?}"),
-        }
-    }
-}
-
 /// Ping and require the very next frame to be the pong: the connection works and nothing else
 /// (no stray direct message) was queued for it.
 fn ping_pong(c: &mut Client, id: &str) {
     c.send_text(&format!(r#"{{"type":"ping","id":"{id}"}}"#));
     assert_eq!(
-        recv_text(c),
+        c.recv_text(),
         format!(r#"{{"type":"pong","id":"{id}"}}"#),
         "connection {}: expected only the pong",
         c.id
@@ -577,7 +565,7 @@ fn a_sigkilled_instance_is_cleaned_up_by_the_survivor() {
     assert!(other.is_empty(), "{other:?}");
     for c in &mut mine {
         assert_eq!(
-            recv_text(c),
+            c.recv_text(),
             r#"{"type":"message","channel":"after","data":{"still":"serving"}}"#
         );
     }
@@ -679,11 +667,11 @@ fn send_reaches_a_connection_on_any_instance_and_instances_lists_both() {
             "send from A to {} (shard {i} of B)",
             c.id
         );
-        assert_eq!(recv_text(c), r#"{"type":"direct","data":{"n":1}}"#);
+        assert_eq!(c.recv_text(), r#"{"type":"direct","data":{"n":1}}"#);
     }
     for c in on_a.iter_mut() {
         assert_eq!(send(b.addr, &c.id, "[true,null]").0, 200, "B → {}", c.id);
-        assert_eq!(recv_text(c), r#"{"type":"direct","data":[true,null]}"#);
+        assert_eq!(c.recv_text(), r#"{"type":"direct","data":[true,null]}"#);
     }
     // Local sends on A: one of the two targets is on the other shard than the HTTP request.
     for c in on_a.iter_mut() {
@@ -693,7 +681,7 @@ fn send_reaches_a_connection_on_any_instance_and_instances_lists_both() {
             "local send to {}",
             c.id
         );
-        assert_eq!(recv_text(c), r#"{"type":"direct","data":"local"}"#);
+        assert_eq!(c.recv_text(), r#"{"type":"direct","data":"local"}"#);
     }
     // Exactly the addressed connection got each message.
     for (i, c) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
@@ -825,7 +813,7 @@ fn embedded_mode_sends_locally_and_lists_itself() {
             c.id
         );
         assert_eq!(
-            recv_text(c),
+            c.recv_text(),
             format!(r#"{{"type":"direct","data":{{"n":{i}}}}}"#)
         );
     }
@@ -885,7 +873,7 @@ fn a_backend_can_publish_to_an_instance_inbox() {
         let payload = format!(r#"{{"connection":"{}","data":[1,2]}}"#, c.id);
         assert_eq!(r.publish(&inbox, payload.as_bytes()), 1, "one subscriber");
         assert_eq!(
-            recv_text(c),
+            c.recv_text(),
             r#"{"type":"direct","data":[1,2]}"#,
             "{}",
             c.id
@@ -912,7 +900,7 @@ fn a_backend_can_publish_to_an_instance_inbox() {
     let payload = format!(r#"{{"connection":"{}","data":"again"}}"#, clients[0].id);
     r.publish(&inbox, payload.as_bytes());
     assert_eq!(
-        recv_text(&mut clients[0]),
+        clients[0].recv_text(),
         r#"{"type":"direct","data":"again"}"#
     );
 }
@@ -974,7 +962,7 @@ fn a_redis_outage_never_blocks_a_shard_and_the_registry_recovers() {
     assert_eq!(status, 503, "{body}");
     // Local sends do not need Redis.
     assert_eq!(send(addr, &open[0].id, "0").0, 200);
-    assert_eq!(recv_text(&mut open[0]), r#"{"type":"direct","data":0}"#);
+    assert_eq!(open[0].recv_text(), r#"{"type":"direct","data":0}"#);
 
     redis.revive();
     let mut r = redis.client();

@@ -21,21 +21,10 @@ use tungstenite::Message;
 // Helpers (local to this file)
 // ------------------------------------------------------------------------------------------------
 
-/// The next text frame as its exact text (pings and pongs are skipped).
-fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.ws.read().expect("read a message") {
-            Message::Text(t) => return t.as_str().to_owned(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text message, got {other:?}"),
-        }
-    }
-}
-
 /// Send `text` and return the next text frame.
 fn roundtrip(c: &mut Client, text: &str) -> String {
     c.send_text(text);
-    recv_text(c)
+    c.recv_text()
 }
 
 /// Ping with a string id and require the very next reply to be that pong: proves the
@@ -267,7 +256,7 @@ fn replies_are_exact_text() {
     // The subscriber receives its own publish (data carried as its exact text), plus the ack.
     let data = r#"{"k":[1,2.50,"x"],"e":{},"n":null}"#;
     c.send_text(&publish_text("news", data, Some("3")));
-    let mut got = [recv_text(&mut c), recv_text(&mut c)];
+    let mut got = [c.recv_text(), c.recv_text()];
     got.sort();
     let mut want = [
         format!(r#"{{"type":"message","channel":"news","data":{data}}}"#),
@@ -279,7 +268,7 @@ fn replies_are_exact_text() {
     // Own publish without id: the message, and no ack before the pong.
     c.send_text(&publish_text("news", "[true,false]", None));
     assert_eq!(
-        recv_text(&mut c),
+        c.recv_text(),
         r#"{"type":"message","channel":"news","data":[true,false]}"#
     );
     assert_alive(&mut c, "after-own-publish");

@@ -124,6 +124,17 @@ impl Client {
         self.send_text(&v.to_string());
     }
 
+    /// The next text frame as its exact text (pings and pongs are skipped).
+    pub fn recv_text(&mut self) -> String {
+        loop {
+            match self.ws.read().expect("read a message") {
+                Message::Text(t) => return t.as_str().to_owned(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
     /// The next text message, parsed (pings are answered by tungstenite and skipped).
     pub fn recv_json(&mut self) -> Value {
         loop {
