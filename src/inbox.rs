@@ -41,6 +41,29 @@ pub enum ShardMsg {
         data: Bytes,
         reply: Option<futures_channel::oneshot::Sender<bool>>,
     },
+    /// Deliver `{"type":"direct","data":<data>}` to every connection of `user` on this shard;
+    /// `reply` learns how many got it.
+    UserDirect {
+        user: Arc<str>,
+        data: Bytes,
+        reply: futures_channel::oneshot::Sender<usize>,
+    },
+    /// Close one connection (slab `key`, checked against `seq`) with `code`/`reason` (a backend's
+    /// `POST /disconnect`); `reply` learns whether it was there.
+    Disconnect {
+        key: usize,
+        seq: u64,
+        code: u16,
+        reason: Arc<str>,
+        reply: Option<futures_channel::oneshot::Sender<bool>>,
+    },
+    /// Close every connection of `user` on this shard; `reply` learns how many.
+    UserDisconnect {
+        user: Arc<str>,
+        code: u16,
+        reason: Arc<str>,
+        reply: Option<futures_channel::oneshot::Sender<usize>>,
+    },
     /// The registry repairs itself: send the records of every open WebSocket.
     RegistrySnapshot(futures_channel::oneshot::Sender<Vec<crate::registry::ConnRecord>>),
     /// Begin graceful shutdown: stop accepting, close clients with 1001, exit when drained.

@@ -10,6 +10,8 @@
 //! - [`config`]: every limit with its default; [`metrics`]: per-shard counters.
 //! - [`ratelimit`]: the per-connection publish token bucket.
 //!
+//! - [`auth`]: token verification, the JWKS cache and namespace permissions (pure decisions).
+//!
 //! I/O layers:
 //! - [`server`]: starts one thread per shard, signals, shutdown.
 //! - [`shard`]: what one core owns and its loops (accept, inbox, timer sweep); the hot path.
@@ -21,6 +23,7 @@
 //! - [`resp`]: sans-IO RESP parser and command encoder.
 //! - [`sock`]: non-blocking receive helper.
 
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -34,6 +37,7 @@ pub mod redis;
 pub mod registry;
 pub mod resp;
 pub mod server;
+pub mod session;
 pub mod shard;
 pub mod sock;
 pub mod topics;

@@ -224,6 +224,7 @@ impl ServeArgs {
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_ttl: self.heartbeat_ttl,
             connection_ttl: self.connection_ttl,
+            ..d
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::protocol::ErrorCode;
 use std::fmt::Write as _;
 
 /// Error codes counted per shard, in a fixed order (index = position here).
-pub const ERROR_CODES: [ErrorCode; 7] = [
+pub const ERROR_CODES: [ErrorCode; 11] = [
     ErrorCode::BadRequest,
     ErrorCode::InvalidChannel,
     ErrorCode::TooManySubscriptions,
@@ -16,6 +16,10 @@ pub const ERROR_CODES: [ErrorCode; 7] = [
     ErrorCode::Unavailable,
     ErrorCode::RateLimited,
     ErrorCode::NotFound,
+    ErrorCode::Unauthorized,
+    ErrorCode::TokenExpired,
+    ErrorCode::PermissionDenied,
+    ErrorCode::UnknownNamespace,
 ];
 
 fn error_index(code: ErrorCode) -> usize {
@@ -55,6 +59,16 @@ pub struct ShardMetrics {
     pub bus_messages_received: u64,
     /// Registry events dropped because the registry's queue was full (repaired by a full refresh).
     pub registry_drops: u64,
+    /// Connections authenticated (`connect` accepted).
+    pub auth_successes: u64,
+    /// Tokens refused (connection and channel tokens, at connect, subscribe and refresh).
+    pub auth_failures: u64,
+    /// Connections closed because their token expired without a refresh (4002).
+    pub expiry_closes: u64,
+    /// Connections closed on a backend's request (`POST /disconnect`).
+    pub server_disconnects: u64,
+    /// Upgrades refused with 403 by `allowed_origins`.
+    pub origin_refusals: u64,
     /// Error replies sent, by code (see [`ERROR_CODES`]).
     pub errors: [u64; ERROR_CODES.len()],
 }
@@ -81,6 +95,11 @@ impl ShardMetrics {
         self.connections_refused += o.connections_refused;
         self.bus_messages_received += o.bus_messages_received;
         self.registry_drops += o.registry_drops;
+        self.auth_successes += o.auth_successes;
+        self.auth_failures += o.auth_failures;
+        self.expiry_closes += o.expiry_closes;
+        self.server_disconnects += o.server_disconnects;
+        self.origin_refusals += o.origin_refusals;
         for (a, b) in self.errors.iter_mut().zip(o.errors.iter()) {
             *a += b;
         }
@@ -95,7 +114,7 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
     }
     let mut out = String::with_capacity(4096);
     type Getter = fn(&ShardMetrics) -> u64;
-    let series: [(&str, &str, &str, Getter); 15] = [
+    let series: [(&str, &str, &str, Getter); 20] = [
         (
             "ringhub_connections",
             "gauge",
@@ -185,6 +204,36 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
             "counter",
             "Registry events dropped at a full queue (repaired by a full refresh).",
             |m| m.registry_drops,
+        ),
+        (
+            "ringhub_auth_successes_total",
+            "counter",
+            "Connections authenticated with a token.",
+            |m| m.auth_successes,
+        ),
+        (
+            "ringhub_auth_failures_total",
+            "counter",
+            "Connection and channel tokens refused.",
+            |m| m.auth_failures,
+        ),
+        (
+            "ringhub_expiry_closes_total",
+            "counter",
+            "Connections closed with 4002 because their token expired without a refresh.",
+            |m| m.expiry_closes,
+        ),
+        (
+            "ringhub_server_disconnects_total",
+            "counter",
+            "Connections closed on a backend's request (POST /disconnect).",
+            |m| m.server_disconnects,
+        ),
+        (
+            "ringhub_origin_refusals_total",
+            "counter",
+            "Upgrades refused with 403 by allowed_origins.",
+            |m| m.origin_refusals,
         ),
     ];
     for (name, kind, help, get) in series {

@@ -102,6 +102,15 @@ pub enum ErrorCode {
     Unavailable,
     RateLimited,
     NotFound,
+    /// The token was refused (bad signature, malformed, wrong audience/issuer…), or a command
+    /// other than `connect`/`ping` came before `connect`.
+    Unauthorized,
+    /// The token has expired.
+    TokenExpired,
+    /// The namespace's rules do not allow this.
+    PermissionDenied,
+    /// The channel's namespace is not declared in the config.
+    UnknownNamespace,
 }
 
 impl ErrorCode {
@@ -115,6 +124,10 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::UnknownNamespace => "unknown_namespace",
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct ConnRecord {
     pub remote: SocketAddr,
     /// Unix milliseconds.
     pub connected_at: u64,
+    /// The connection's user (`sub` of its token); empty for anonymous connections.
+    pub user: String,
 }
 
 /// Outcome of a targeted send to a connection on another instance.

@@ -130,6 +130,9 @@ pub struct Conn {
     pub deadline: u32,
     /// Publish rate limit state (16 bytes; refilled lazily when a publish arrives).
     pub publish_bucket: Bucket,
+    /// Identity: `None` until the connection authenticated (auth mode), or when it is anonymous
+    /// in open mode. Boxed: an idle connection pays one pointer.
+    pub session: Option<Box<crate::session::Session>>,
 }
 
 /// Deadlines in sweep ticks.
@@ -210,6 +213,8 @@ pub struct Shard {
     pending_acks: HashMap<Box<str>, Vec<PendingAck>>,
     /// `--max-publish-rate` with its burst; `None` = unlimited.
     publish_limit: Option<PublishLimit>,
+    /// Connections by user (authenticated connections only), for sends and disconnects by user.
+    pub users: HashMap<Box<str>, Vec<usize>>,
 }
 
 /// A client's `subscribe` acknowledgement waiting for the bus.
@@ -260,6 +265,7 @@ impl Shard {
             iov: Vec::with_capacity(IOV_BATCH),
             pending_acks: HashMap::new(),
             publish_limit,
+            users: HashMap::new(),
         }
     }
 
@@ -288,6 +294,7 @@ impl Shard {
             last_ping: tick,
             deadline: tick.wrapping_add(self.ticks.handshake),
             publish_bucket: Bucket::default(),
+            session: None,
         })
     }
 
@@ -310,6 +317,11 @@ impl Shard {
             } else {
                 self.conns[key].connected_at as u64 * 1000
             },
+            user: self.conns[key]
+                .session
+                .as_ref()
+                .map(|s| s.user.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -336,6 +348,26 @@ impl Shard {
         let frame = codec::encode_frame(OpCode::Data(codec::Data::Text), &json);
         self.send_frame(key, frame);
         true
+    }
+
+    /// Close one connection on a backend's request (`POST /disconnect`). False when it is not
+    /// here.
+    pub fn disconnect(&mut self, key: usize, seq: u64, code: u16, reason: &str) -> bool {
+        match self.conns.get(key) {
+            Some(c) if c.seq == seq && c.phase == Phase::Open && c.upgraded && !c.echo => {}
+            _ => return false,
+        }
+        self.metrics.server_disconnects += 1;
+        self.close(key, code, reason, false);
+        true
+    }
+
+    /// The open connections of `user` on this shard, as (key, seq).
+    pub fn user_conns(&self, user: &str) -> Vec<(usize, u64)> {
+        self.users
+            .get(user)
+            .map(|keys| keys.iter().map(|&k| (k, self.conns[k].seq)).collect())
+            .unwrap_or_default()
     }
 
     /// Restart the handshake deadline (next keep-alive HTTP request).
@@ -369,6 +401,14 @@ impl Shard {
             self.tell_registry(RegEvent::Unregister(id));
         }
         let c = self.conns.remove(key);
+        if let Some(session) = &c.session {
+            if let Some(keys) = self.users.get_mut(&session.user) {
+                keys.retain(|&k| k != key);
+                if keys.is_empty() {
+                    self.users.remove(&session.user);
+                }
+            }
+        }
         if c.upgraded {
             self.metrics.connections_current -= 1;
         }
@@ -844,6 +884,41 @@ impl Shard {
                     let found = self.deliver_direct(key, seq, &data);
                     if let Some(reply) = reply {
                         let _ = reply.send(found);
+                    }
+                }
+                ShardMsg::UserDirect { user, data, reply } => {
+                    let keys = self.user_conns(&user);
+                    let mut n = 0;
+                    for (key, seq) in keys {
+                        n += self.deliver_direct(key, seq, &data) as usize;
+                    }
+                    let _ = reply.send(n);
+                }
+                ShardMsg::Disconnect {
+                    key,
+                    seq,
+                    code,
+                    reason,
+                    reply,
+                } => {
+                    let found = self.disconnect(key, seq, code, &reason);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(found);
+                    }
+                }
+                ShardMsg::UserDisconnect {
+                    user,
+                    code,
+                    reason,
+                    reply,
+                } => {
+                    let keys = self.user_conns(&user);
+                    let mut n = 0;
+                    for (key, seq) in keys {
+                        n += self.disconnect(key, seq, code, &reason) as usize;
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(n);
                     }
                 }
                 ShardMsg::RegistrySnapshot(reply) => {

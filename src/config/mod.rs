@@ -4,6 +4,8 @@
 //! holds the values plus the small parsers for sizes (`64KiB`) and durations (`500ms`, `25s`, `2m`)
 //! that the binary and the tests share. [`Config::default`] is what `ringhub serve` runs with.
 
+use crate::auth::namespaces::Namespaces;
+use crate::auth::AuthConfig;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -86,6 +88,14 @@ pub struct Config {
     pub heartbeat_ttl: Duration,
     /// TTL of each `conn` key, rewritten when half of it has passed. Default 120 s.
     pub connection_ttl: Duration,
+    /// Token authentication (`[auth]` with a key). `None`: open mode — anyone who can reach the
+    /// port may subscribe and publish (a warning is logged at start).
+    pub auth: Option<AuthConfig>,
+    /// Origins a browser upgrade may come from (`[auth] allowed_origins`); empty = any. Others
+    /// get HTTP 403 before any WebSocket frame.
+    pub allowed_origins: Vec<String>,
+    /// Channel rules: `[channels]` (default namespace) and `[namespaces.NAME]`.
+    pub namespaces: Namespaces,
 }
 
 /// Where and how to reach Redis (`--redis redis://[:password@]host:port[/db]`).
@@ -206,6 +216,9 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_ttl: Duration::from_secs(30),
             connection_ttl: Duration::from_secs(120),
+            auth: None,
+            allowed_origins: Vec::new(),
+            namespaces: Namespaces::default(),
         }
     }
 }
