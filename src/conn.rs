@@ -266,10 +266,19 @@ impl ConnTask {
                         Err((status, code, msg)) => (status, json, &[], err_body(code, &msg)),
                     }
                 }
-                (Method::Post, "/send") => {
+                (Method::Post, path @ ("/send" | "/disconnect")) => {
                     let body =
                         self.rbuf[head.head_len..head.head_len + head.content_length].to_vec();
-                    let (status, body) = self.http_send(&head, &body).await;
+                    let (status, body) = if !self.authorized(&head) {
+                        (
+                            401,
+                            err_body("unauthorized", "missing or wrong bearer token"),
+                        )
+                    } else if path == "/send" {
+                        crate::api::send(&self.shard, &body).await
+                    } else {
+                        crate::api::disconnect(&self.shard, &body).await
+                    };
                     let extra: &[(&str, &str)] = if status == 401 {
                         &[("WWW-Authenticate", "Bearer")]
                     } else {
@@ -281,7 +290,7 @@ impl ConnTask {
                     let (status, body) = self.http_instances().await;
                     (status, json, &[], body)
                 }
-                (_, "/send") => (
+                (_, "/send" | "/disconnect") => (
                     405,
                     json,
                     &[("Allow", "POST")],
@@ -328,86 +337,6 @@ impl ConnTask {
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "))
             .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
-    }
-
-    /// `POST /send` with `{"connection":"<id>","data":<JSON>}`: deliver
-    /// `{"type":"direct","data":..}` to that one connection, on this instance or (Redis mode)
-    /// any other, via the registry and the target instance's inbox channel.
-    async fn http_send(&self, head: &RequestHead, body: &[u8]) -> (u16, Vec<u8>) {
-        use crate::registry::{parse_conn_id, RegEvent, SendOutcome};
-        if !self.authorized(head) {
-            return (
-                401,
-                err_body("unauthorized", "missing or wrong bearer token"),
-            );
-        }
-        #[derive(serde::Deserialize)]
-        struct SendBody<'a> {
-            #[serde(borrow)]
-            connection: Option<std::borrow::Cow<'a, str>>,
-            #[serde(borrow)]
-            data: Option<&'a serde_json::value::RawValue>,
-        }
-        let parsed: Result<SendBody, _> = serde_json::from_slice(body);
-        let (connection, data) = match parsed {
-            Ok(SendBody {
-                connection: Some(c),
-                data: Some(d),
-            }) => (c, d),
-            Ok(_) => {
-                let msg = "expected {\"connection\":\"<id>\",\"data\":<JSON>}";
-                return (400, err_body("bad_request", msg));
-            }
-            Err(e) => return (400, err_body("bad_request", &format!("invalid JSON: {e}"))),
-        };
-        let not_found = || (404, err_body("not_found", "no such connection"));
-        let Some((instance, target, key, seq)) = parse_conn_id(&connection) else {
-            return not_found();
-        };
-        let (local, peers, registry) = {
-            let s = self.shard.borrow();
-            (
-                instance == &*s.instance,
-                s.peers.clone(),
-                s.shared.registry.clone(),
-            )
-        };
-        if local {
-            let Some(inbox) = peers.get(target) else {
-                return not_found();
-            };
-            let (tx, rx) = futures_channel::oneshot::channel();
-            inbox.push(ShardMsg::Direct {
-                key,
-                seq,
-                data: bytes::Bytes::copy_from_slice(data.get().as_bytes()),
-                reply: Some(tx),
-            });
-            return match rx.await {
-                Ok(true) => (200, b"{\"ok\":true}".to_vec()),
-                _ => not_found(),
-            };
-        }
-        let Some(registry) = registry else {
-            return not_found();
-        };
-        let (tx, rx) = futures_channel::oneshot::channel();
-        let ev = RegEvent::Send {
-            connection: connection.into_owned(),
-            data: data.get().to_owned(),
-            reply: tx,
-        };
-        if registry.push(ev).is_err() {
-            return (503, err_body("unavailable", "the registry is overloaded"));
-        }
-        match rx.await {
-            Ok(SendOutcome::Sent) => (200, b"{\"ok\":true}".to_vec()),
-            Ok(SendOutcome::NotFound) => not_found(),
-            _ => (
-                503,
-                err_body("unavailable", "the registry cannot reach Redis"),
-            ),
-        }
     }
 
     /// `GET /instances`: the live instances (Redis mode: from the registry; embedded: this one).
@@ -790,7 +719,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn err_body(code: &str, message: &str) -> Vec<u8> {
+pub(crate) fn err_body(code: &str, message: &str) -> Vec<u8> {
     http::json_error_body(code, message).into_bytes()
 }
 

@@ -16,6 +16,7 @@
 //! - [`server`]: starts one thread per shard, signals, shutdown.
 //! - [`shard`]: what one core owns and its loops (accept, inbox, timer sweep); the hot path.
 //! - [`conn`]: one connection's task (HTTP API, upgrade, WebSocket read/write loop).
+//! - [`api`]: `POST /send` and `POST /disconnect` (by connection or user, on any instance).
 //! - [`inbox`]: the only cross-thread path into a shard.
 //! - [`broker`]: the seam between shards and instances; in-process implementation.
 //! - [`redis`]: the Redis implementation: per-shard publisher/subscriber links, lazy subscriptions.
@@ -23,6 +24,7 @@
 //! - [`resp`]: sans-IO RESP parser and command encoder.
 //! - [`sock`]: non-blocking receive helper.
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod codec;
