@@ -413,6 +413,27 @@ impl ConnTask {
                 return Next::Close;
             }
         };
+        let origin_ok = {
+            let s = self.shard.borrow();
+            crate::auth::origin_allowed(&s.cfg.allowed_origins, head.origin.as_deref())
+        };
+        if !origin_ok && !echo {
+            self.shard.borrow_mut().metrics.origin_refusals += 1;
+            let resp = http::json_error(
+                403,
+                "forbidden",
+                "this origin may not open WebSockets here (allowed_origins)",
+                false,
+            );
+            self.write_http(resp).await;
+            return Next::Close;
+        }
+        // A token in the upgrade URL (`/ws?token=..`): browsers cannot set headers.
+        let query_token = if echo {
+            None
+        } else {
+            head.query.as_deref().and_then(|q| query_param(q, "token"))
+        };
         let (over, shutting_down) = {
             let s = self.shard.borrow();
             let open = s.shared.connections.load(Ordering::Relaxed);
@@ -455,6 +476,21 @@ impl ConnTask {
             return Next::Close;
         }
         s.mark_open(self.key, echo, self.peer);
+        if let Some(token) = query_token {
+            let allowed = s.cfg.auth.as_ref().is_some_and(|a| a.query_token);
+            if allowed {
+                s.handle_connect(self.key, Some(&token), None);
+            } else if s.cfg.auth.is_some() {
+                let msg = "tokens in the URL are disabled (query_token = false): send connect";
+                s.send_error(self.key, None, ErrorCode::Unauthorized, msg);
+                s.close(
+                    self.key,
+                    crate::auth::close::UNAUTHORIZED,
+                    "unauthorized",
+                    false,
+                );
+            }
+        }
         Next::WebSocket
     }
 
@@ -711,6 +747,38 @@ async fn gather(shard: &ShardRef) -> Vec<crate::metrics::ShardMetrics> {
     all
 }
 
+/// The value of `name` in a URL query string (`a=1&token=xyz`), percent-decoded. `None` when
+/// absent, empty or not valid UTF-8 after decoding.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)?
+        .1;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'%' => return None,
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().filter(|s| !s.is_empty())
+}
+
 /// Compare secrets without an early exit on the first differing byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -737,6 +805,7 @@ mod tests {
             registry: None,
             addr: "127.0.0.1:1".parse().unwrap(),
             started_at: 0,
+            verifier: None,
         });
         let broker = Box::new(crate::broker::MemoryBroker::new(0, inboxes.clone()));
         let shard = crate::shard::Shard::new(
@@ -749,6 +818,24 @@ mod tests {
             broker,
         );
         std::rc::Rc::new(std::cell::RefCell::new(shard))
+    }
+
+    #[test]
+    fn query_params() {
+        use super::query_param;
+        assert_eq!(
+            query_param("token=abc.def", "token").as_deref(),
+            Some("abc.def")
+        );
+        assert_eq!(
+            query_param("a=1&token=x%2Ey", "token").as_deref(),
+            Some("x.y")
+        );
+        assert_eq!(query_param("a=1", "token"), None);
+        assert_eq!(query_param("token=", "token"), None);
+        assert_eq!(query_param("token=%zz", "token"), None);
+        assert_eq!(query_param("token=%4", "token"), None);
+        assert_eq!(query_param("xtoken=1", "token"), None);
     }
 
     /// Memory per idle connection is a headline figure: the connection task (spawned once per

@@ -85,6 +85,8 @@ pub struct RequestHead {
     pub content_length: usize,
     /// Raw `Authorization` value (trimmed).
     pub authorization: Option<String>,
+    /// `Origin` (browsers send it on WebSocket upgrades); a repeated field is malformed.
+    pub origin: Option<String>,
     /// Some when the request lists `websocket` in its `Upgrade` header (any case).
     pub upgrade: Option<UpgradeRequest>,
     /// Number of bytes of the buffer consumed by the head (body starts here).
@@ -280,6 +282,7 @@ pub fn parse_head(buf: &[u8], limits: &HttpLimits) -> Result<Option<RequestHead>
     let mut content_length: Option<usize> = None;
     let mut transfer_encoding = false;
     let mut authorization: Option<String> = None;
+    let mut origin: Option<String> = None;
     let mut ws_key: Option<String> = None;
     let mut ws_version: Option<String> = None;
     let mut ws_protocols: Vec<String> = Vec::new();
@@ -315,6 +318,11 @@ pub fn parse_head(buf: &[u8], limits: &HttpLimits) -> Result<Option<RequestHead>
                 return Err(HttpError::Malformed("duplicate Authorization header"));
             }
             authorization = Some(value_str(value, "invalid Authorization header")?);
+        } else if name.eq_ignore_ascii_case("origin") {
+            if origin.is_some() {
+                return Err(HttpError::Malformed("duplicate Origin header"));
+            }
+            origin = Some(value_str(value, "invalid Origin header")?);
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             let v = value_str(value, "invalid Sec-WebSocket-Key header")?;
             join_into(&mut ws_key, v);
@@ -367,6 +375,7 @@ pub fn parse_head(buf: &[u8], limits: &HttpLimits) -> Result<Option<RequestHead>
         keep_alive,
         content_length,
         authorization,
+        origin,
         upgrade,
         head_len,
     }))

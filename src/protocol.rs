@@ -53,6 +53,8 @@ pub const MAX_CHANNEL_LEN: usize = 256;
 pub enum Command<'a> {
     Subscribe {
         channel: Cow<'a, str>,
+        /// A channel token (private channels).
+        token: Option<Cow<'a, str>>,
         id: Option<&'a RawValue>,
     },
     Unsubscribe {
@@ -68,6 +70,19 @@ pub enum Command<'a> {
     Ping {
         id: Option<&'a RawValue>,
     },
+    /// Authenticate: `{"type":"connect","token":"<JWT>"}` (the token may be absent where
+    /// anonymous connections are allowed, or when it came in the upgrade URL).
+    Connect {
+        token: Option<Cow<'a, str>>,
+        id: Option<&'a RawValue>,
+    },
+    /// A new token before the current one expires: the connection's (no `channel`) or a
+    /// channel's.
+    Refresh {
+        channel: Option<Cow<'a, str>>,
+        token: Cow<'a, str>,
+        id: Option<&'a RawValue>,
+    },
 }
 
 impl<'a> Command<'a> {
@@ -77,6 +92,8 @@ impl<'a> Command<'a> {
             Command::Subscribe { id, .. }
             | Command::Unsubscribe { id, .. }
             | Command::Publish { id, .. }
+            | Command::Connect { id, .. }
+            | Command::Refresh { id, .. }
             | Command::Ping { id } => *id,
         }
     }
@@ -87,7 +104,8 @@ impl<'a> Command<'a> {
             Command::Subscribe { channel, .. }
             | Command::Unsubscribe { channel, .. }
             | Command::Publish { channel, .. } => Some(channel),
-            Command::Ping { .. } => None,
+            Command::Refresh { channel, .. } => channel.as_deref(),
+            Command::Ping { .. } | Command::Connect { .. } => None,
         }
     }
 }
@@ -181,6 +199,8 @@ struct Raw<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// Deserialize a field that is present as `Some(raw)`, even when its value is `null`.
@@ -232,7 +252,7 @@ fn take_channel<'a>(
         return Err(CommandError {
             code: ErrorCode::InvalidChannel,
             message: format!(
-                "channel names are 1-{MAX_CHANNEL_LEN} bytes of ASCII letters, digits and _-.:/@#"
+                "channel names are 1-{MAX_CHANNEL_LEN} bytes of ASCII letters, digits and _-.:/@#,$"
             ),
             id,
         });
@@ -270,9 +290,31 @@ pub fn parse_command(text: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
         .ok_or_else(|| bad_request(id, "missing field `type`"))?;
     let kind = raw_str(kind).ok_or_else(|| bad_request(id, "`type` must be a string"))?;
 
+    let token = |required: bool| -> Result<Option<Cow<'_, str>>, CommandError<'_>> {
+        match raw.token {
+            None if required => Err(bad_request(id, "missing field `token`")),
+            None => Ok(None),
+            Some(t) => raw_str(t)
+                .map(Some)
+                .ok_or_else(|| bad_request(id, "`token` must be a string")),
+        }
+    };
     match &*kind {
         "subscribe" => Ok(Command::Subscribe {
             channel: take_channel(raw.channel, id)?,
+            token: token(false)?,
+            id,
+        }),
+        "connect" => Ok(Command::Connect {
+            token: token(false)?,
+            id,
+        }),
+        "refresh" => Ok(Command::Refresh {
+            channel: match raw.channel {
+                None => None,
+                some => Some(take_channel(some, id)?),
+            },
+            token: token(true)?.expect("required"),
             id,
         }),
         "unsubscribe" => Ok(Command::Unsubscribe {
@@ -289,19 +331,23 @@ pub fn parse_command(text: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
         "ping" => Ok(Command::Ping { id }),
         _ => Err(bad_request(
             id,
-            "unknown `type` (expected subscribe, unsubscribe, publish or ping)",
+            "unknown `type` (expected connect, subscribe, unsubscribe, publish, refresh or ping)",
         )),
     }
 }
 
-/// Byte table for channel names: ASCII letters, digits and `_-.:/@#`.
+/// Byte table for channel names: ASCII letters, digits and `_-.:/@#,$` (`,` separates the
+/// users of a user-limited channel, `$` starts a private channel).
 static CHANNEL_BYTES: [bool; 256] = {
     let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {
         let c = b as u8;
         t[b] = c.is_ascii_alphanumeric()
-            || matches!(c, b'_' | b'-' | b'.' | b':' | b'/' | b'@' | b'#');
+            || matches!(
+                c,
+                b'_' | b'-' | b'.' | b':' | b'/' | b'@' | b'#' | b',' | b'$'
+            );
         b += 1;
     }
     t
@@ -323,7 +369,7 @@ pub fn parse_publish_body(body: &[u8]) -> Result<(Cow<'_, str>, &RawValue), Comm
 }
 
 /// Whether `name` is a valid channel name: 1–256 bytes, each an ASCII letter, digit or one of
-/// `_-.:/@#`. Such a name never needs JSON escaping. Cost: one table lookup per byte.
+/// `_-.:/@#,$`. Such a name never needs JSON escaping. Cost: one table lookup per byte.
 pub fn is_valid_channel(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
@@ -426,6 +472,43 @@ pub fn ack(kind: &str, channel: &str, id: Option<&RawValue>) -> String {
     Obj::new(kind, 32 + kind.len() + channel.len() + id_len)
         .str_field("channel", channel)
         .id(id)
+        .finish()
+}
+
+/// `{"type":"connected","id":<id>,"user":<user>,"expires_in":<seconds or null>}`.
+pub fn connected(id: Option<&RawValue>, user: &str, expires_in: Option<u64>) -> String {
+    let mut o = Obj::new("connected", 64 + user.len())
+        .id(id)
+        .str_field("user", user);
+    o.0.extend_from_slice(b",\"expires_in\":");
+    match expires_in {
+        Some(n) => o.0.extend_from_slice(n.to_string().as_bytes()),
+        None => o.0.extend_from_slice(b"null"),
+    }
+    o.finish()
+}
+
+/// `{"type":"refreshed","id":<id>,"expires_in":<seconds>}`, with `"channel"` for a channel
+/// token.
+pub fn refreshed(id: Option<&RawValue>, channel: Option<&str>, expires_in: Option<u64>) -> String {
+    let mut o = Obj::new("refreshed", 64).id(id);
+    if let Some(channel) = channel {
+        o = o.str_field("channel", channel);
+    }
+    o.0.extend_from_slice(b",\"expires_in\":");
+    match expires_in {
+        Some(n) => o.0.extend_from_slice(n.to_string().as_bytes()),
+        None => o.0.extend_from_slice(b"null"),
+    }
+    o.finish()
+}
+
+/// `{"type":"unsubscribed","channel":<channel>,"reason":<reason>}`: the server ended a
+/// subscription (e.g. its channel token expired).
+pub fn unsubscribed_notice(channel: &str, reason: &str) -> String {
+    Obj::new("unsubscribed", 48 + channel.len() + reason.len())
+        .str_field("channel", channel)
+        .str_field("reason", reason)
         .finish()
 }
 
@@ -536,7 +619,7 @@ mod tests {
     #[test]
     fn subscribe_and_unsubscribe() {
         match parse_ok(r#"{"type":"subscribe","channel":"news","id":1}"#) {
-            Command::Subscribe { channel, id } => {
+            Command::Subscribe { channel, id, .. } => {
                 assert!(matches!(channel, Cow::Borrowed("news")));
                 assert_eq!(id.unwrap().get(), "1");
             }
@@ -738,9 +821,69 @@ mod tests {
                 assert_eq!(reply["id"], "q");
             }
         }
-        for good in ["a", "A-Z_0.9:/@#", "user:42/inbox", "#", &max] {
+        for good in [
+            "a",
+            "A-Z_0.9:/@#",
+            "user:42/inbox",
+            "#",
+            "$room",
+            "dm:#17,42",
+            &max,
+        ] {
             assert!(is_valid_channel(good), "{good}");
         }
+    }
+
+    #[test]
+    fn auth_commands() {
+        match parse_ok(r#"{"type":"connect","token":"a.b.c","id":1}"#) {
+            Command::Connect { token, id } => {
+                assert_eq!(token.as_deref(), Some("a.b.c"));
+                assert_eq!(id.unwrap().get(), "1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_ok(r#"{"type":"connect"}"#),
+            Command::Connect { token: None, .. }
+        ));
+        assert_eq!(
+            parse_err(r#"{"type":"connect","token":5,"id":2}"#).code,
+            ErrorCode::BadRequest
+        );
+        match parse_ok(r#"{"type":"refresh","token":"t"}"#) {
+            Command::Refresh { channel, token, .. } => {
+                assert_eq!((channel, &*token), (None, "t"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_ok(r#"{"type":"refresh","channel":"$r","token":"t"}"#) {
+            Command::Refresh { channel, .. } => assert_eq!(channel.as_deref(), Some("$r")),
+            other => panic!("{other:?}"),
+        }
+        let e = parse_err(r#"{"type":"refresh","id":3}"#);
+        assert_eq!((e.code, e.id.unwrap().get()), (ErrorCode::BadRequest, "3"));
+        match parse_ok(r#"{"type":"subscribe","channel":"$r","token":"t"}"#) {
+            Command::Subscribe { token, .. } => assert_eq!(token.as_deref(), Some("t")),
+            other => panic!("{other:?}"),
+        }
+        let one = raw("1");
+        assert_eq!(
+            connected(Some(&one), "42", Some(60)),
+            r#"{"type":"connected","id":1,"user":"42","expires_in":60}"#
+        );
+        assert_eq!(
+            connected(None, "", None),
+            r#"{"type":"connected","user":"","expires_in":null}"#
+        );
+        assert_eq!(
+            refreshed(None, Some("$r"), Some(5)),
+            r#"{"type":"refreshed","channel":"$r","expires_in":5}"#
+        );
+        assert_eq!(
+            unsubscribed_notice("$r", "token expired"),
+            r#"{"type":"unsubscribed","channel":"$r","reason":"token expired"}"#
+        );
     }
 
     #[test]

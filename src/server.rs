@@ -186,6 +186,22 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
     })?;
     drop(probe);
 
+    // Keys are loaded before anything listens: a missing secret file or a bad PEM is fatal.
+    let verifier = match &config.auth {
+        Some(auth) => Some(Arc::new(
+            crate::auth::token::Verifier::new(auth).map_err(ServerError::Config)?,
+        )),
+        None => {
+            tracing::warn!(
+                "no [auth] configured: open mode, anyone who can reach the port can subscribe and publish on any channel"
+            );
+            None
+        }
+    };
+    if config.allowed_origins.is_empty() && config.auth.is_some() {
+        tracing::warn!("allowed_origins is not set: browser pages from any origin may connect");
+    }
+
     let instance: Arc<str> = match &config.instance_id {
         Some(id) => Arc::from(id.as_str()),
         None => Arc::from(format!("{:016x}", rand::random::<u64>()).as_str()),
@@ -201,6 +217,7 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
         registry: registry_queue.clone(),
         addr,
         started_at: crate::registry::unix_ms(),
+        verifier,
     });
     let inboxes: Arc<[Arc<Inbox>]> = (0..config.shards).map(|_| Inbox::new()).collect();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -418,6 +435,7 @@ fn shard_main(ctx: ShardStart) {
             ctx.inboxes.clone(),
             broker,
         )));
+        shard.borrow_mut().this = Rc::downgrade(&shard);
         monoio::spawn(shard::accept_loop(shard.clone(), listener));
         monoio::spawn(shard::inbox_loop(shard.clone()));
         monoio::spawn(shard::flush_loop(shard.clone()));

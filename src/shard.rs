@@ -53,7 +53,6 @@ pub const FRAME_OVERHEAD: usize = 32;
 const INBOX_BUDGET: usize = 4096;
 
 /// Process-wide state shared by all shards: touched once per connect/disconnect, never per message.
-#[derive(Debug)]
 pub struct Shared {
     /// Open sockets (HTTP and WebSocket) across all shards.
     pub connections: AtomicUsize,
@@ -67,6 +66,19 @@ pub struct Shared {
     /// `GET /instances`.
     pub addr: SocketAddr,
     pub started_at: u64,
+    /// Token verification (`[auth]`); `None` in open mode.
+    pub verifier: Option<Arc<crate::auth::token::Verifier>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("connections", &self.connections)
+            .field("max_connections", &self.max_connections)
+            .field("addr", &self.addr)
+            .field("auth", &self.verifier.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a connection is in its life. The connection task and the sweep both act on it.
@@ -144,6 +156,8 @@ struct Ticks {
     handshake: u32,
     close: u32,
     shutdown: u32,
+    /// Time a connection has to send `connect` (auth mode).
+    pub auth: u32,
 }
 
 impl Ticks {
@@ -160,6 +174,10 @@ impl Ticks {
             handshake: n(cfg.handshake_timeout),
             close: n(cfg.close_timeout),
             shutdown: n(cfg.shutdown_timeout),
+            auth: n(cfg
+                .auth
+                .as_ref()
+                .map_or(Duration::from_secs(10), |a| a.auth_timeout)),
         }
     }
 }
@@ -215,6 +233,11 @@ pub struct Shard {
     publish_limit: Option<PublishLimit>,
     /// Connections by user (authenticated connections only), for sends and disconnects by user.
     pub users: HashMap<Box<str>, Vec<usize>>,
+    /// Channel permissions, resolved from the config for this mode (auth on or off).
+    pub policy: crate::auth::namespaces::Policy,
+    /// The shard's own handle, for the few cold-path tasks it spawns (a `connect` waiting for
+    /// the JWKS). Set right after construction.
+    pub this: std::rc::Weak<RefCell<Shard>>,
 }
 
 /// A client's `subscribe` acknowledgement waiting for the bus.
@@ -237,6 +260,7 @@ impl Shard {
         broker: Box<dyn Broker>,
     ) -> Shard {
         let publish_limit = PublishLimit::new(cfg.max_publish_rate, cfg.publish_burst_limit());
+        let policy = crate::auth::namespaces::Policy::new(&cfg.namespaces, cfg.auth.is_some());
         let limits = codec::Limits {
             max_frame_size: cfg.max_message_size,
             max_message_size: cfg.max_message_size,
@@ -266,6 +290,8 @@ impl Shard {
             pending_acks: HashMap::new(),
             publish_limit,
             users: HashMap::new(),
+            policy,
+            this: std::rc::Weak::new(),
         }
     }
 
@@ -385,10 +411,28 @@ impl Shard {
         c.upgraded = true;
         c.last_rx = tick;
         c.last_ping = tick;
+        // Auth mode: the connection must authenticate before this deadline (checked by the sweep).
+        c.deadline = tick.wrapping_add(self.ticks.auth);
         self.metrics.connections_current += 1;
         self.metrics.connections_total += 1;
-        if self.shared.registry.is_some() && !echo {
+        // In auth mode a connection is registered once it has authenticated (with its user).
+        if self.shared.registry.is_some() && !echo && self.shared.verifier.is_none() {
             let rec = self.record(key, Some(remote));
+            self.tell_registry(RegEvent::Register(rec));
+        }
+    }
+
+    /// Whether the registry knows this connection (open WebSockets; in auth mode, authenticated
+    /// ones).
+    fn is_registered(&self, key: usize) -> bool {
+        let c = &self.conns[key];
+        c.upgraded && !c.echo && (self.shared.verifier.is_none() || c.session.is_some())
+    }
+
+    /// Tell the registry about a connection that just authenticated (auth mode).
+    pub(crate) fn register_authenticated(&mut self, key: usize) {
+        if self.shared.registry.is_some() {
+            let rec = self.record(key, None);
             self.tell_registry(RegEvent::Register(rec));
         }
     }
@@ -396,7 +440,7 @@ impl Shard {
     /// Forget a connection (its task is about to drop the socket): subscriptions are released and
     /// the broker hears about channels that lost their last local subscriber.
     pub fn remove_conn(&mut self, key: usize) {
-        if self.conns[key].upgraded && !self.conns[key].echo {
+        if self.is_registered(key) {
             let id = self.conn_id(key);
             self.tell_registry(RegEvent::Unregister(id));
         }
@@ -462,6 +506,10 @@ impl Shard {
     }
 
     /// Wake a connection's task so it re-checks its state.
+    pub(crate) fn kick_conn(c: &mut Conn) {
+        Self::kick(c)
+    }
+
     fn kick(c: &mut Conn) {
         c.kick = true;
         if let Some(w) = c.waker.take() {
@@ -681,8 +729,29 @@ impl Shard {
                 return;
             }
         };
+        if self.shared.verifier.is_some() && self.conns[key].session.is_none() {
+            // Auth mode, not authenticated yet: only `connect` and `ping`.
+            if !matches!(cmd, Command::Connect { .. } | Command::Ping { .. }) {
+                let id = cmd.id();
+                self.send_error(
+                    key,
+                    id,
+                    ErrorCode::Unauthorized,
+                    "send {\"type\":\"connect\",\"token\":..} first",
+                );
+                return;
+            }
+        }
         match cmd {
             Command::Publish { channel, data, id } => {
+                if !self.policy.is_open() {
+                    let subscribed = self.topics.is_subscribed(key, &channel);
+                    let user = self.user_of(key);
+                    if let Err(d) = self.policy.check_publish(&channel, user, subscribed) {
+                        self.send_denial(key, id, d);
+                        return;
+                    }
+                }
                 if !self.publish_allowed(key, id) {
                     return;
                 }
@@ -704,37 +773,19 @@ impl Shard {
                     }
                 }
             }
-            Command::Subscribe { channel, id } => {
-                if !self.topics.is_subscribed(key, &channel)
-                    && self.topics.subscriptions_of(key) >= self.cfg.max_subscriptions
-                {
-                    let msg = format!(
-                        "a connection may hold at most {} subscriptions",
-                        self.cfg.max_subscriptions
-                    );
-                    self.send_error(key, id, ErrorCode::TooManySubscriptions, &msg);
-                    return;
+            Command::Connect { token, id } => self.handle_connect(key, token.as_deref(), id),
+            Command::Refresh { channel, token, id } => {
+                self.handle_refresh(key, channel.as_deref(), &token, id)
+            }
+            Command::Subscribe { channel, token, id } => {
+                let mut channel_exp = None;
+                if !self.policy.is_open() || channel.starts_with('$') || token.is_some() {
+                    match self.subscribe_allowed(key, &channel, token.as_deref(), id) {
+                        Ok(exp) => channel_exp = exp,
+                        Err(()) => return,
+                    }
                 }
-                if let crate::topics::Subscribed::Added { first: true } =
-                    self.topics.subscribe(key, &channel)
-                {
-                    self.broker.first_subscriber(&channel);
-                }
-                if self.broker.subscription_pending(&channel) {
-                    let c = &mut self.conns[key];
-                    c.awaiting_ack = true;
-                    let ack = PendingAck {
-                        key,
-                        seq: c.seq,
-                        id: id.map(|id| id.to_owned()),
-                    };
-                    self.pending_acks
-                        .entry(Box::from(&*channel))
-                        .or_default()
-                        .push(ack);
-                } else {
-                    self.send_text(key, &protocol::ack("subscribed", &channel, id));
-                }
+                self.subscribe(key, &channel, id, channel_exp);
             }
             Command::Unsubscribe { channel, id } => {
                 if let crate::topics::Unsubscribed::Removed { last: true } =
@@ -742,9 +793,58 @@ impl Shard {
                 {
                     self.broker.last_unsubscribed(&channel);
                 }
+                if let Some(session) = self.conns[key].session.as_mut() {
+                    session.channel_exp.retain(|(c, _)| **c != *channel);
+                }
                 self.send_text(key, &protocol::ack("unsubscribed", &channel, id));
             }
             Command::Ping { id } => self.send_text(key, &protocol::pong(id)),
+        }
+    }
+
+    /// Subscribe `key` to `channel` (permissions already checked) and acknowledge it, now or
+    /// when the bus confirms. `channel_exp`: expiry of the channel token it came with.
+    pub(crate) fn subscribe(
+        &mut self,
+        key: usize,
+        channel: &str,
+        id: Option<&RawValue>,
+        channel_exp: Option<u64>,
+    ) {
+        if !self.topics.is_subscribed(key, channel)
+            && self.topics.subscriptions_of(key) >= self.cfg.max_subscriptions
+        {
+            let msg = format!(
+                "a connection may hold at most {} subscriptions",
+                self.cfg.max_subscriptions
+            );
+            self.send_error(key, id, ErrorCode::TooManySubscriptions, &msg);
+            return;
+        }
+        if let crate::topics::Subscribed::Added { first: true } =
+            self.topics.subscribe(key, channel)
+        {
+            self.broker.first_subscriber(channel);
+        }
+        if self.broker.subscription_pending(channel) {
+            let c = &mut self.conns[key];
+            c.awaiting_ack = true;
+            let ack = PendingAck {
+                key,
+                seq: c.seq,
+                id: id.map(|id| id.to_owned()),
+            };
+            self.pending_acks
+                .entry(Box::from(channel))
+                .or_default()
+                .push(ack);
+        } else {
+            self.send_text(key, &protocol::ack("subscribed", channel, id));
+        }
+        if let Some(exp) = channel_exp {
+            if let Some(session) = self.conns[key].session.as_mut() {
+                session.set_channel_exp(channel, exp);
+            }
         }
     }
 
@@ -1010,6 +1110,9 @@ impl Shard {
         }
         for (key, code, reason) in to_close {
             self.close(key, code, reason, false);
+        }
+        if self.shared.verifier.is_some() {
+            self.sweep_auth(now);
         }
         while let Some(key) = self.slow.pop() {
             self.close_slow(key);

@@ -206,6 +206,7 @@ fn shard_with_subscribers(n: usize) -> Shard {
         registry: None,
         addr: "127.0.0.1:0".parse().unwrap(),
         started_at: 0,
+        verifier: None,
     });
     let cfg = Config {
         shards: 1,

@@ -171,7 +171,10 @@ mod tests {
         assert!(origin_allowed(&[], Some("https://evil.test")));
         assert!(origin_allowed(&allowed, Some("https://app.example.com")));
         assert!(origin_allowed(&allowed, Some("HTTPS://APP.example.com")));
-        assert!(!origin_allowed(&allowed, Some("https://app.example.com.evil.test")));
+        assert!(!origin_allowed(
+            &allowed,
+            Some("https://app.example.com.evil.test")
+        ));
         assert!(!origin_allowed(&allowed, Some("http://app.example.com")));
         assert!(origin_allowed(&allowed, Some("https://a.b.example.org")));
         assert!(!origin_allowed(&allowed, Some("https://example.org")));

@@ -317,7 +317,10 @@ mod tests {
             &ns(
                 rules(SubscribeRule::Anonymous, Access::None),
                 &[
-                    ("chat", rules(SubscribeRule::Authenticated, Access::Subscribers)),
+                    (
+                        "chat",
+                        rules(SubscribeRule::Authenticated, Access::Subscribers),
+                    ),
                     ("priv", rules(SubscribeRule::Token, Access::Authenticated)),
                     ("closed", rules(SubscribeRule::None, Access::Anonymous)),
                 ],
