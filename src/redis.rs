@@ -181,7 +181,8 @@ pub struct Links {
     channels: HashMap<Box<str>, Chan>,
     /// `<prefix>chan:`
     chan_prefix: Vec<u8>,
-    /// `<prefix>inbox:<instance>`, subscribed by shard 0 only: targeted sends for this instance.
+    /// `<prefix>inbox:<instance>`, subscribed by shard 0 only: sends and disconnects for this
+    /// instance's connections (`route_inbox`).
     inbox: Option<Vec<u8>>,
 }
 
@@ -685,36 +686,79 @@ async fn fill(stream: &TcpStream, fd: i32, rbuf: &mut BytesMut) -> io::Result<us
     }
 }
 
-/// A targeted send arrived on this instance's inbox (`{"connection":"<id>","data":<JSON>}`):
-/// deliver it here or hand it to the connection's shard.
-fn route_direct(shard: &ShardRef, payload: &[u8]) {
-    #[derive(serde::Deserialize)]
-    struct Direct<'a> {
-        #[serde(borrow)]
-        connection: std::borrow::Cow<'a, str>,
-        #[serde(borrow)]
-        data: &'a serde_json::value::RawValue,
-    }
-    let Ok(msg) = serde_json::from_slice::<Direct>(payload) else {
-        tracing::debug!("ignored a malformed inbox message");
-        return;
-    };
-    let Some((instance, target, key, seq)) = crate::registry::parse_conn_id(&msg.connection) else {
-        return;
+/// A message arrived on this instance's inbox channel (a [`crate::registry::InboxMsg`]): a
+/// send or disconnect for one connection goes to that connection's shard (or is done here); one
+/// for a user goes to every shard, each acting on its own connections of that user. Malformed
+/// payloads and connections of other instances are ignored.
+fn route_inbox(shard: &ShardRef, payload: &[u8]) {
+    use crate::inbox::ShardMsg;
+    use crate::registry::{parse_conn_id, Action, InboxMsg, Target};
+    let msg = match InboxMsg::decode(payload) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::debug!(error = %e, "ignored a malformed inbox message");
+            return;
+        }
     };
     let mut s = shard.borrow_mut();
-    if instance != &*s.instance || target >= s.peers.len() {
-        return;
-    }
-    if target == s.id {
-        s.deliver_direct(key, seq, msg.data.get().as_bytes());
-    } else {
-        s.peers[target].push(crate::inbox::ShardMsg::Direct {
-            key,
-            seq,
-            data: bytes::Bytes::copy_from_slice(msg.data.get().as_bytes()),
-            reply: None,
-        });
+    match msg.target {
+        Target::Connection(id) => {
+            let Some((instance, target, key, seq)) = parse_conn_id(&id) else {
+                return;
+            };
+            if instance != &*s.instance || target >= s.peers.len() {
+                return;
+            }
+            match msg.action {
+                Action::Send(data) if target == s.id => {
+                    s.deliver_direct(key, seq, data.as_bytes());
+                }
+                Action::Send(data) => s.peers[target].push(ShardMsg::Direct {
+                    key,
+                    seq,
+                    data: bytes::Bytes::from(data),
+                    reply: None,
+                }),
+                Action::Disconnect { code, reason } if target == s.id => {
+                    s.disconnect(key, seq, code, &reason);
+                }
+                Action::Disconnect { code, reason } => s.peers[target].push(ShardMsg::Disconnect {
+                    key,
+                    seq,
+                    code,
+                    reason: Arc::from(reason),
+                    reply: None,
+                }),
+            }
+        }
+        Target::User(user) => {
+            let user: Arc<str> = Arc::from(user);
+            match msg.action {
+                Action::Send(data) => {
+                    let data = bytes::Bytes::from(data);
+                    for inbox in s.peers.iter() {
+                        // Nobody waits for the count.
+                        let (reply, _) = futures_channel::oneshot::channel();
+                        inbox.push(ShardMsg::UserDirect {
+                            user: user.clone(),
+                            data: data.clone(),
+                            reply,
+                        });
+                    }
+                }
+                Action::Disconnect { code, reason } => {
+                    let reason: Arc<str> = Arc::from(reason);
+                    for inbox in s.peers.iter() {
+                        inbox.push(ShardMsg::UserDisconnect {
+                            user: user.clone(),
+                            code,
+                            reason: reason.clone(),
+                            reply: None,
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -765,7 +809,7 @@ fn handle_frame(
                 PubSub::Message { channel, payload }
                     if links.borrow().inbox.as_deref() == Some(&channel[..]) =>
                 {
-                    route_direct(shard, &payload);
+                    route_inbox(shard, &payload);
                 }
                 PubSub::Message { channel, payload } => {
                     if let Some(rest) = channel.get(prefix_len..) {

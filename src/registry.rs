@@ -7,13 +7,18 @@
 //! (through the shards' inboxes), rebuilds its map, deletes keys that should not exist (from this
 //! instance's index set) and rewrites every key that should.
 //!
-//! Keys (prefix `ws:` by default):
+//! Keys (prefix `ws:` by default; docs/registry.md has the full table):
 //! - `ws:instance:<id>` — `{"instance","addr","shards","connections","started_at","version"}`,
 //!   written every heartbeat interval with the heartbeat TTL;
-//! - `ws:conn:<connection>` — `{"connection","instance","shard","remote","connected_at"}`, written
-//!   with the connection TTL and rewritten when half of it has passed, deleted on close;
+//! - `ws:conn:<connection>` — `{"connection","instance","shard","remote","connected_at","user"}`,
+//!   written with the connection TTL and rewritten when half of it has passed, deleted on close;
 //! - `ws:instance:<id>:conns` — the set of this instance's connection ids (the per-instance
 //!   index: a live instance cleans up a dead one's keys from it, never scanning the keyspace);
+//! - `ws:user:<user>` — the set of a user's connection ids on every instance (non-empty users
+//!   only), so sends and disconnects by user need no scan; its TTL is renewed with its members'
+//!   connection keys;
+//! - `ws:instance:<id>:users` — the users with connections on this instance: a dead instance's ids
+//!   are removed from exactly these users' sets, even after its connection keys expired;
 //! - `ws:instances` — the set of instance ids ever alive and not yet cleaned up;
 //! - `ws:cleanup:<id>` — a short-lived lock (SET NX EX) so two live instances do not clean up the
 //!   same dead instance at once.
@@ -23,9 +28,17 @@
 //! round trips. Refresh cost grows linearly with connections (one SET per connection per half TTL,
 //! spread over time in arrival order, pipelined).
 //!
+//! Backend requests for other instances (`POST /send`, `POST /disconnect`) are looked up here and
+//! published to the target instances' inbox channels as [`InboxMsg`]s: three round trips per turn
+//! at most, whatever the number of requests.
+//!
 //! While Redis is unreachable the registry keeps its in-memory map current and reconnects with
 //! backoff; on reconnect it does the full refresh. Graceful shutdown deletes every key of this
-//! instance before the process exits.
+//! instance (and its ids in the users' sets) before the process exits.
+//!
+//! The user keys are read and written with single-key commands only (`SADD`, `SREM`, `PEXPIRE`,
+//! `SMEMBERS`, `EXISTS`), so they route key by key on a Redis Cluster; the chunked `DEL`s of
+//! connection keys do not, yet.
 
 use crate::config::RedisConfig;
 use crate::inbox::{Inbox, ShardMsg, Wakeup};
@@ -34,7 +47,7 @@ use crate::resp::{self, Frame};
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use futures_util::future::{select, Either};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -80,29 +93,179 @@ pub struct ConnRecord {
     pub user: String,
 }
 
-/// Outcome of a targeted send to a connection on another instance.
+/// Whom a backend request (`POST /send`, `POST /disconnect`) or an inbox message is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One connection, by id.
+    Connection(String),
+    /// Every connection of a user (never empty: anonymous connections have no user).
+    User(String),
+}
+
+/// What a backend request or an inbox message does to its target's connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `{"type":"direct","data":<data>}`; `data` is JSON text, passed on verbatim.
+    Send(String),
+    /// Close with `code` (4000–4999) and `reason` (at most [`MAX_REASON`] bytes).
+    Disconnect { code: u16, reason: String },
+}
+
+/// Longest close reason: a close frame's payload is at most 125 bytes, 2 of them the code.
+pub const MAX_REASON: usize = 123;
+/// The reason of a `POST /disconnect` that gives none.
+pub const DEFAULT_REASON: &str = "disconnected by the server";
+
+impl Action {
+    /// A disconnect with the defaults filled in (code 4004, [`DEFAULT_REASON`]) and the limits
+    /// checked: the code must be 4000–4999 (application codes), the reason ≤ [`MAX_REASON`] bytes.
+    pub fn disconnect(code: Option<i64>, reason: Option<&str>) -> Result<Action, String> {
+        let code = code.unwrap_or(crate::auth::close::DISCONNECTED as i64);
+        if !(4000..=4999).contains(&code) {
+            return Err(format!("`code` must be 4000-4999, not {code}"));
+        }
+        let reason = reason.unwrap_or(DEFAULT_REASON);
+        if reason.len() > MAX_REASON {
+            return Err(format!(
+                "`reason` is {} bytes; at most {MAX_REASON} fit in a close frame",
+                reason.len()
+            ));
+        }
+        Ok(Action::Disconnect {
+            code: code as u16,
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+/// The fields of a backend request body and of an inbox message, as they arrive.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Fields<'a> {
+    #[serde(borrow, default)]
+    pub connection: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub user: Option<std::borrow::Cow<'a, str>>,
+    /// Present (even as `null`) or absent.
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub data: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    pub disconnect: bool,
+    #[serde(default)]
+    pub code: Option<i64>,
+    #[serde(borrow, default)]
+    pub reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A field that is there is `Some`, even when it is `null` (`"data":null` is data).
+fn present<'de, D>(d: D) -> Result<Option<&'de serde_json::value::RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
+impl Fields<'_> {
+    /// Exactly one of `connection` and `user` (a non-empty string).
+    pub fn target(&self) -> Result<Target, &'static str> {
+        match (&self.connection, &self.user) {
+            (Some(c), None) => Ok(Target::Connection(c.clone().into_owned())),
+            (None, Some(u)) if u.is_empty() => Err("`user` must not be empty"),
+            (None, Some(u)) => Ok(Target::User(u.clone().into_owned())),
+            _ => Err("give exactly one of `connection` and `user`"),
+        }
+    }
+}
+
+/// A message on an instance's inbox channel (`<prefix>inbox:<instance>`), published by the
+/// registry of another instance or by any backend with a Redis client:
+///
+/// | payload | effect on the receiving instance |
+/// |---|---|
+/// | `{"connection":"<id>","data":<JSON>}` | `{"type":"direct","data":<JSON>}` to that connection |
+/// | `{"user":"<user>","data":<JSON>}` | the same to every connection of the user there |
+/// | `{"connection":"<id>","disconnect":true,"code":4004,"reason":".."}` | close that connection |
+/// | `{"user":"<user>","disconnect":true,"code":4004,"reason":".."}` | close every one of the user's |
+///
+/// `code` (4000–4999) and `reason` (≤ 123 bytes) are optional (4004, [`DEFAULT_REASON`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxMsg {
+    pub target: Target,
+    pub action: Action,
+}
+
+impl InboxMsg {
+    /// The JSON payload (`data` verbatim).
+    pub fn encode(&self) -> String {
+        let (field, who) = match &self.target {
+            Target::Connection(id) => ("connection", id),
+            Target::User(user) => ("user", user),
+        };
+        let who = serde_json::Value::String(who.clone()).to_string();
+        match &self.action {
+            Action::Send(data) => {
+                let mut out = String::with_capacity(who.len() + data.len() + 24);
+                out.push_str("{\"");
+                out.push_str(field);
+                out.push_str("\":");
+                out.push_str(&who);
+                out.push_str(",\"data\":");
+                out.push_str(data);
+                out.push('}');
+                out
+            }
+            Action::Disconnect { code, reason } => {
+                let reason = serde_json::Value::String(reason.clone());
+                format!(r#"{{"{field}":{who},"disconnect":true,"code":{code},"reason":{reason}}}"#)
+            }
+        }
+    }
+
+    /// Parse a payload; `Err` says what is wrong with it (the receiver ignores it).
+    pub fn decode(payload: &[u8]) -> Result<InboxMsg, String> {
+        let f: Fields = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let target = f.target()?;
+        let action = match (f.data, f.disconnect) {
+            (Some(data), false) => Action::Send(data.get().to_owned()),
+            (None, true) => Action::disconnect(f.code, f.reason.as_deref())?,
+            (Some(_), true) => return Err("`data` and `disconnect` together".into()),
+            (None, false) => return Err("neither `data` nor `\"disconnect\":true`".into()),
+        };
+        Ok(InboxMsg { target, action })
+    }
+}
+
+/// How a request for another instance went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendOutcome {
-    /// Published to the instance's inbox.
-    Sent,
-    /// No such connection in the registry (or its instance is gone).
+pub enum Reached {
+    /// Published to every instance holding the target; the number of connections they hold
+    /// according to the registry (0 for a user with none elsewhere).
+    Connections(usize),
+    /// No such connection in the registry (or its instance is gone). Never for a user.
     NotFound,
     /// Redis is unreachable.
     Unavailable,
 }
 
+/// A backend request for connections of other instances. For a [`Target::User`] the registry
+/// leaves out this instance's connections: the caller reaches them through the shards.
+#[derive(Debug)]
+pub struct Request {
+    pub target: Target,
+    pub action: Action,
+    pub reply: futures_channel::oneshot::Sender<Reached>,
+}
+
 /// What shards and HTTP handlers ask of the registry.
 #[derive(Debug)]
 pub enum RegEvent {
+    /// A connection opened (or, in auth mode, authenticated). Registering a known id again
+    /// updates its record (its user may change; its remote address and time are kept when the
+    /// new record has none).
     Register(ConnRecord),
     Unregister(String),
-    /// `POST /send` to a connection of another instance: look it up and publish to its inbox.
-    Send {
-        connection: String,
-        /// JSON text of `data`.
-        data: String,
-        reply: futures_channel::oneshot::Sender<SendOutcome>,
-    },
+    /// `POST /send` / `POST /disconnect` for connections elsewhere: look them up and publish to
+    /// their instances' inboxes.
+    Request(Request),
     /// `GET /instances`: the JSON array of live instances.
     Instances(futures_channel::oneshot::Sender<Result<String, String>>),
     /// Delete this instance's keys and stop.
@@ -174,6 +337,14 @@ impl Keys {
     pub fn index(&self, id: &str) -> String {
         format!("{}instance:{id}:conns", self.prefix)
     }
+    /// The set of a user's connection ids (all instances).
+    pub fn user(&self, user: &str) -> String {
+        format!("{}user:{user}", self.prefix)
+    }
+    /// The set of users with connections on instance `id`.
+    pub fn instance_users(&self, id: &str) -> String {
+        format!("{}instance:{id}:users", self.prefix)
+    }
     pub fn instances(&self) -> String {
         format!("{}instances", self.prefix)
     }
@@ -235,17 +406,16 @@ struct Registry {
     keys: Keys,
     /// This instance's live connections.
     conns: HashMap<String, ConnRecord>,
+    /// Connections per (non-empty) user in `conns`: a user leaves this instance's users set
+    /// when its count drops to zero.
+    user_counts: HashMap<String, usize>,
     /// Ids to write (new, or everything after a resync).
     to_set: Vec<String>,
-    /// Ids to delete.
-    to_del: Vec<String>,
+    /// Ids to delete, with the user whose set lists them (`""`: none, or unknown).
+    to_del: Vec<(String, String)>,
     /// (when written, id), oldest first: drives the TTL refresh.
     written: VecDeque<(Instant, String)>,
-    sends: Vec<(
-        String,
-        String,
-        futures_channel::oneshot::Sender<SendOutcome>,
-    )>,
+    requests: Vec<Request>,
     instance_requests: Vec<futures_channel::oneshot::Sender<Result<String, String>>>,
     next_heartbeat: Instant,
     seen_dropped: u64,
@@ -269,10 +439,11 @@ impl Registry {
             ctx,
             keys,
             conns: HashMap::new(),
+            user_counts: HashMap::new(),
             to_set: Vec::new(),
             to_del: Vec::new(),
             written: VecDeque::new(),
-            sends: Vec::new(),
+            requests: Vec::new(),
             instance_requests: Vec::new(),
             next_heartbeat: Instant::now(),
             seen_dropped: 0,
@@ -347,21 +518,47 @@ impl Registry {
             match ev {
                 RegEvent::Register(rec) => {
                     self.to_set.push(rec.id.clone());
-                    self.conns.insert(rec.id.clone(), rec);
+                    self.insert(rec);
                 }
                 RegEvent::Unregister(id) => {
-                    self.conns.remove(&id);
-                    self.to_del.push(id);
+                    let user = self.remove(&id).map(|r| r.user).unwrap_or_default();
+                    self.to_del.push((id, user));
                 }
-                RegEvent::Send {
-                    connection,
-                    data,
-                    reply,
-                } => self.sends.push((connection, data, reply)),
+                RegEvent::Request(req) => self.requests.push(req),
                 RegEvent::Instances(reply) => self.instance_requests.push(reply),
                 RegEvent::Shutdown => self.shutdown = true,
             }
         }
+    }
+
+    /// Add or update a record. A known connection keeps its address and time when the new
+    /// record has none (a re-registration after authentication); if its user changed, its id
+    /// leaves the old user's set.
+    fn insert(&mut self, mut rec: ConnRecord) {
+        if let Some(old) = self.remove(&rec.id) {
+            if rec.remote.ip().is_unspecified() {
+                rec.remote = old.remote;
+                rec.connected_at = old.connected_at;
+            }
+            if old.user != rec.user && !old.user.is_empty() {
+                self.to_del.push((old.id, old.user));
+            }
+        }
+        if !rec.user.is_empty() {
+            *self.user_counts.entry(rec.user.clone()).or_default() += 1;
+        }
+        self.conns.insert(rec.id.clone(), rec);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<ConnRecord> {
+        let rec = self.conns.remove(id)?;
+        if let Some(n) = self.user_counts.get_mut(&rec.user) {
+            *n -= 1;
+            if *n == 0 {
+                self.user_counts.remove(&rec.user);
+            }
+        }
+        Some(rec)
     }
 
     /// Ask every shard for its connections and make that the truth (after queue drops).
@@ -390,7 +587,11 @@ impl Registry {
         // The snapshots are the truth as of when each shard took it. Events queued since were
         // pushed after it (per-shard FIFO), so applying them on top in order is correct; events
         // from before it only repeat what the snapshot already shows.
-        self.conns = fresh;
+        self.conns.clear();
+        self.user_counts.clear();
+        for (_, r) in fresh {
+            self.insert(r);
+        }
         self.drain();
         self.resync = true;
     }
@@ -432,8 +633,8 @@ impl Registry {
 
     /// Answer waiting requests while Redis is unreachable.
     fn fail_requests(&mut self) {
-        for (_, _, reply) in self.sends.drain(..) {
-            let _ = reply.send(SendOutcome::Unavailable);
+        for req in self.requests.drain(..) {
+            let _ = req.reply.send(Reached::Unavailable);
         }
         for reply in self.instance_requests.drain(..) {
             let _ = reply.send(Err("the registry cannot reach Redis".into()));
@@ -447,6 +648,7 @@ impl Registry {
             "shard": rec.shard,
             "remote": rec.remote.to_string(),
             "connected_at": rec.connected_at,
+            "user": rec.user,
         })
         .to_string()
     }
@@ -469,6 +671,9 @@ impl Registry {
         let me = self.ctx.instance.to_string();
         let conn_ttl = ms(self.ctx.timing.conn_ttl);
         let index = self.keys.index(&me);
+        let users_key = self.keys.instance_users(&me);
+        // The sets outlive their members' keys by long enough for a survivor to clean up.
+        let set_ttl = ms(self.ctx.timing.conn_ttl + self.ctx.timing.heartbeat_ttl * 2);
         let mut cmds = BytesMut::new();
         let mut n = 0;
         // Encode one command and count the reply to expect.
@@ -476,15 +681,38 @@ impl Registry {
             resp::encode_command(cmds, args);
             *n += 1;
         }
+        // Users who have no connection here any more (they leave this instance's users set).
+        let mut gone_users: Vec<String> = Vec::new();
 
         if self.resync {
             // Delete what the index lists but we no longer have; rewrite everything we have.
-            let members = self.smembers(&index).await?;
-            let stale: Vec<String> = members
+            let mut q = BytesMut::new();
+            resp::encode_command(&mut q, &[b"SMEMBERS", index.as_bytes()]);
+            resp::encode_command(&mut q, &[b"SMEMBERS", users_key.as_bytes()]);
+            let listed = self.redis()?.pipeline(q, 2).await?;
+            let stale = strings(&listed[0])
                 .into_iter()
                 .filter(|id| !self.conns.contains_key(id))
-                .collect();
+                .map(|id| (id, String::new()));
             self.to_del.extend(stale);
+            // The users' sets may list ids we no longer have (their users are unknown here):
+            // keep in each set exactly this instance's ids the map gives that user.
+            let mut users = strings(&listed[1]);
+            gone_users.extend(
+                users
+                    .iter()
+                    .filter(|u| !self.user_counts.contains_key(*u))
+                    .cloned(),
+            );
+            users.extend(self.user_counts.keys().cloned());
+            users.sort_unstable();
+            users.dedup();
+            let conns = &self.conns;
+            let redis = self.redis.as_mut().ok_or_else(not_connected)?;
+            purge_user_sets(redis, &self.keys, &me, &users, |user, id| {
+                conns.get(id).is_some_and(|r| r.user == user)
+            })
+            .await?;
             self.to_set = self.conns.keys().cloned().collect();
             self.written.clear();
             self.resync = false;
@@ -493,10 +721,30 @@ impl Registry {
         self.last_turn_events = self.to_del.len() + self.to_set.len();
         // Deletions first (an id reconnecting after a drop is re-added below).
         let dels = std::mem::take(&mut self.to_del);
-        n += encode_conn_deletes(&mut cmds, &self.keys, &dels);
-        for chunk in dels.chunks(CHUNK) {
+        let del_ids: Vec<&str> = dels.iter().map(|(id, _)| id.as_str()).collect();
+        n += encode_conn_deletes(&mut cmds, &self.keys, &del_ids);
+        for chunk in del_ids.chunks(CHUNK) {
             let mut args: Vec<&[u8]> = vec![b"SREM", index.as_bytes()];
             args.extend(chunk.iter().map(|id| id.as_bytes()));
+            push(&mut cmds, &mut n, &args);
+        }
+        let by_user = group_by_user(dels.iter().map(|(id, user)| (user.as_str(), id.as_str())));
+        for (user, ids) in &by_user {
+            let key = self.keys.user(user);
+            for chunk in ids.chunks(CHUNK) {
+                let mut args: Vec<&[u8]> = vec![b"SREM", key.as_bytes()];
+                args.extend(chunk.iter().map(|id| id.as_bytes()));
+                push(&mut cmds, &mut n, &args);
+            }
+            if !self.user_counts.contains_key(*user) {
+                gone_users.push(user.to_string());
+            }
+        }
+        gone_users.sort_unstable();
+        gone_users.dedup();
+        for chunk in gone_users.chunks(CHUNK) {
+            let mut args: Vec<&[u8]> = vec![b"SREM", users_key.as_bytes()];
+            args.extend(chunk.iter().map(|u| u.as_bytes()));
             push(&mut cmds, &mut n, &args);
         }
 
@@ -533,6 +781,31 @@ impl Registry {
             args.extend(chunk.iter().map(|id| id.as_bytes()));
             push(&mut cmds, &mut n, &args);
         }
+        // Each user's set gets its ids (again, on a refresh) and a renewed TTL; this instance's
+        // users set lists the users.
+        let by_user = group_by_user(
+            sets.iter()
+                .map(|id| (self.conns[id].user.as_str(), id.as_str())),
+        );
+        for (user, ids) in &by_user {
+            let key = self.keys.user(user);
+            for chunk in ids.chunks(CHUNK) {
+                let mut args: Vec<&[u8]> = vec![b"SADD", key.as_bytes()];
+                args.extend(chunk.iter().map(|id| id.as_bytes()));
+                push(&mut cmds, &mut n, &args);
+            }
+            push(
+                &mut cmds,
+                &mut n,
+                &[b"PEXPIRE", key.as_bytes(), set_ttl.as_bytes()],
+            );
+        }
+        let users: Vec<&str> = by_user.keys().copied().collect();
+        for chunk in users.chunks(CHUNK) {
+            let mut args: Vec<&[u8]> = vec![b"SADD", users_key.as_bytes()];
+            args.extend(chunk.iter().map(|u| u.as_bytes()));
+            push(&mut cmds, &mut n, &args);
+        }
         for id in sets {
             self.written.push_back((now, id));
         }
@@ -558,13 +831,15 @@ impl Registry {
             let set = self.keys.instances();
             joined_reply = Some(n);
             push(&mut cmds, &mut n, &[b"SADD", set.as_bytes(), me.as_bytes()]);
-            // The index outlives this instance by long enough for a survivor to clean up.
-            let index_ttl = ms(self.ctx.timing.conn_ttl + self.ctx.timing.heartbeat_ttl * 2);
-            push(
-                &mut cmds,
-                &mut n,
-                &[b"PEXPIRE", index.as_bytes(), index_ttl.as_bytes()],
-            );
+            // The index and the users set outlive this instance by long enough for a survivor
+            // to clean up.
+            for key in [&index, &users_key] {
+                push(
+                    &mut cmds,
+                    &mut n,
+                    &[b"PEXPIRE", key.as_bytes(), set_ttl.as_bytes()],
+                );
+            }
             self.next_heartbeat = now + self.ctx.timing.heartbeat_interval;
         }
 
@@ -587,7 +862,7 @@ impl Registry {
             }
         }
 
-        self.serve_sends().await?;
+        self.serve_requests().await?;
         self.serve_instances().await?;
         if heartbeat {
             self.clean_up_dead_instances().await?;
@@ -596,9 +871,7 @@ impl Registry {
     }
 
     fn redis(&mut self) -> io::Result<&mut RedisConn> {
-        self.redis
-            .as_mut()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "not connected"))
+        self.redis.as_mut().ok_or_else(not_connected)
     }
 
     async fn command(&mut self, args: &[&[u8]]) -> io::Result<Frame> {
@@ -613,49 +886,117 @@ impl Registry {
         Ok(strings(&reply))
     }
 
-    /// Targeted sends: look every connection up (one pipeline), publish to the inboxes (one more).
-    async fn serve_sends(&mut self) -> io::Result<()> {
-        if self.sends.is_empty() {
+    /// Backend requests for other instances, in at most three round trips for all of them:
+    /// where the targets are (`GET` the connection's key, `SMEMBERS` the user's set), which of a
+    /// user's ids are still live (`EXISTS` their keys), then one `PUBLISH` per request and target
+    /// instance.
+    async fn serve_requests(&mut self) -> io::Result<()> {
+        if self.requests.is_empty() {
             return Ok(());
         }
-        let sends = std::mem::take(&mut self.sends);
+        let requests = std::mem::take(&mut self.requests);
+        let me = self.ctx.instance.to_string();
         let mut cmds = BytesMut::new();
-        for (conn, _, _) in &sends {
-            resp::encode_command(&mut cmds, &[b"GET", self.keys.conn(conn).as_bytes()]);
+        for req in &requests {
+            let (verb, key): (&[u8], String) = match &req.target {
+                Target::Connection(id) => (b"GET", self.keys.conn(id)),
+                Target::User(user) => (b"SMEMBERS", self.keys.user(user)),
+            };
+            resp::encode_command(&mut cmds, &[verb, key.as_bytes()]);
         }
-        let found = self.redis()?.pipeline(cmds, sends.len()).await?;
+        let found = self.redis()?.pipeline(cmds, requests.len()).await?;
+
+        // Per request: the instances to publish to, each with its number of connections (None:
+        // a connection that is not in the registry).
+        let mut plans: Vec<Option<Vec<(String, usize)>>> = Vec::with_capacity(requests.len());
+        // A user's ids on other instances, as (request, instance), in the order checked.
+        let mut candidates: Vec<(usize, String)> = Vec::new();
         let mut cmds = BytesMut::new();
-        let mut publishing = Vec::new();
-        for ((conn, data, reply), rec) in sends.into_iter().zip(found) {
-            let instance = match &rec {
-                Frame::Bulk(json) => serde_json::from_slice::<serde_json::Value>(json)
-                    .ok()
-                    .and_then(|v| v["instance"].as_str().map(str::to_owned)),
-                _ => None,
-            };
-            let Some(instance) = instance else {
-                let _ = reply.send(SendOutcome::NotFound);
-                continue;
-            };
-            let payload = inbox_payload(&conn, &data);
-            let channel = self.keys.inbox(&instance);
-            resp::encode_command(
-                &mut cmds,
-                &[b"PUBLISH", channel.as_bytes(), payload.as_bytes()],
-            );
-            publishing.push(reply);
+        for (i, (req, reply)) in requests.iter().zip(&found).enumerate() {
+            match &req.target {
+                Target::Connection(_) => {
+                    let instance = match reply {
+                        Frame::Bulk(json) => serde_json::from_slice::<serde_json::Value>(json)
+                            .ok()
+                            .and_then(|v| v["instance"].as_str().map(str::to_owned)),
+                        _ => None,
+                    };
+                    plans.push(instance.map(|inst| vec![(inst, 1)]));
+                }
+                Target::User(_) => {
+                    for id in strings(reply) {
+                        let Some((instance, ..)) = parse_conn_id(&id) else {
+                            continue;
+                        };
+                        if instance == me {
+                            continue; // the caller reaches these through the shards
+                        }
+                        candidates.push((i, instance.to_owned()));
+                        resp::encode_command(
+                            &mut cmds,
+                            &[b"EXISTS", self.keys.conn(&id).as_bytes()],
+                        );
+                    }
+                    plans.push(Some(Vec::new()));
+                }
+            }
         }
-        if publishing.is_empty() {
-            return Ok(());
+        if !candidates.is_empty() {
+            let live = self.redis()?.pipeline(cmds, candidates.len()).await?;
+            for ((i, instance), exists) in candidates.into_iter().zip(live) {
+                if exists != Frame::Integer(1) {
+                    continue; // expired or deleted: the set is behind
+                }
+                let plan = plans[i].as_mut().expect("a user's plan exists");
+                match plan.iter_mut().find(|(inst, _)| *inst == instance) {
+                    Some((_, n)) => *n += 1,
+                    None => plan.push((instance, 1)),
+                }
+            }
         }
-        let n = publishing.len();
-        let receivers = self.redis()?.pipeline(cmds, n).await?;
-        for (reply, r) in publishing.into_iter().zip(receivers) {
-            let outcome = match r {
-                Frame::Integer(n) if n > 0 => SendOutcome::Sent,
-                _ => SendOutcome::NotFound,
+
+        let mut cmds = BytesMut::new();
+        let mut published = 0;
+        for (req, plan) in requests.iter().zip(&plans) {
+            let Some(plan) = plan else { continue };
+            let payload = InboxMsg {
+                target: req.target.clone(),
+                action: req.action.clone(),
+            }
+            .encode();
+            for (instance, _) in plan {
+                let channel = self.keys.inbox(instance);
+                resp::encode_command(
+                    &mut cmds,
+                    &[b"PUBLISH", channel.as_bytes(), payload.as_bytes()],
+                );
+                published += 1;
+            }
+        }
+        let mut receivers = if published > 0 {
+            self.redis()?.pipeline(cmds, published).await?.into_iter()
+        } else {
+            Vec::new().into_iter()
+        };
+        for (req, plan) in requests.into_iter().zip(plans) {
+            let outcome = match plan {
+                None => Reached::NotFound,
+                Some(plan) => {
+                    // Count only instances that are listening (a dead one has no subscriber).
+                    let reached: usize = plan
+                        .iter()
+                        .map(|(_, n)| match receivers.next() {
+                            Some(Frame::Integer(r)) if r > 0 => *n,
+                            _ => 0,
+                        })
+                        .sum();
+                    match req.target {
+                        Target::Connection(_) if reached == 0 => Reached::NotFound,
+                        _ => Reached::Connections(reached),
+                    }
+                }
             };
-            let _ = reply.send(outcome);
+            let _ = req.reply.send(outcome);
         }
         Ok(())
     }
@@ -707,8 +1048,16 @@ impl Registry {
             }
             let index = self.keys.index(id);
             let members = self.smembers(&index).await?;
+            // Its ids leave its users' sets, found from its users set (not from its connection
+            // keys, which may have expired already).
+            let users_key = self.keys.instance_users(id);
+            let users = self.smembers(&users_key).await?;
+            let redis = self.redis.as_mut().ok_or_else(not_connected)?;
+            purge_user_sets(redis, &self.keys, id, &users, |_, _| false).await?;
             let mut cmds = BytesMut::new();
             let mut n = encode_conn_deletes(&mut cmds, &self.keys, &members);
+            resp::encode_command(&mut cmds, &[b"DEL", users_key.as_bytes()]);
+            n += 1;
             resp::encode_command(&mut cmds, &[b"DEL", index.as_bytes()]);
             resp::encode_command(
                 &mut cmds,
@@ -716,7 +1065,7 @@ impl Registry {
             );
             n += 2;
             self.redis()?.pipeline(cmds, n).await?;
-            tracing::info!(instance = %id, connections = members.len(), "removed the registry keys of a dead instance");
+            tracing::info!(instance = %id, connections = members.len(), users = users.len(), "removed the registry keys of a dead instance");
         }
         Ok(())
     }
@@ -731,10 +1080,23 @@ impl Registry {
             let index = self.keys.index(&me);
             let mut ids: HashSet<String> = self.smembers(&index).await?.into_iter().collect();
             ids.extend(self.conns.keys().cloned());
-            ids.extend(self.to_del.drain(..));
+            let users_key = self.keys.instance_users(&me);
+            let mut users: HashSet<String> = self.smembers(&users_key).await?.into_iter().collect();
+            users.extend(self.user_counts.keys().cloned());
+            for (id, user) in self.to_del.drain(..) {
+                ids.insert(id);
+                if !user.is_empty() {
+                    users.insert(user);
+                }
+            }
             let ids: Vec<String> = ids.into_iter().collect();
+            let users: Vec<String> = users.into_iter().collect();
+            let redis = self.redis.as_mut().ok_or_else(not_connected)?;
+            purge_user_sets(redis, &self.keys, &me, &users, |_, _| false).await?;
             let mut cmds = BytesMut::new();
             let mut n = encode_conn_deletes(&mut cmds, &self.keys, &ids);
+            resp::encode_command(&mut cmds, &[b"DEL", users_key.as_bytes()]);
+            n += 1;
             let instance_key = self.keys.instance(&me);
             resp::encode_command(
                 &mut cmds,
@@ -779,10 +1141,10 @@ pub fn parse_conn_id(id: &str) -> Option<(&str, usize, usize, u64)> {
 
 /// Encode `DEL` of the connection keys of `ids`, [`CHUNK`] keys per command. Returns the number
 /// of commands (replies to expect).
-fn encode_conn_deletes(cmds: &mut BytesMut, keys: &Keys, ids: &[String]) -> usize {
+fn encode_conn_deletes<S: AsRef<str>>(cmds: &mut BytesMut, keys: &Keys, ids: &[S]) -> usize {
     let mut n = 0;
     for chunk in ids.chunks(CHUNK) {
-        let names: Vec<String> = chunk.iter().map(|id| keys.conn(id)).collect();
+        let names: Vec<String> = chunk.iter().map(|id| keys.conn(id.as_ref())).collect();
         let mut args: Vec<&[u8]> = vec![b"DEL"];
         args.extend(names.iter().map(|k| k.as_bytes()));
         resp::encode_command(cmds, &args);
@@ -791,15 +1153,76 @@ fn encode_conn_deletes(cmds: &mut BytesMut, keys: &Keys, ids: &[String]) -> usiz
     n
 }
 
-/// The inbox payload for a targeted send: `{"connection":"<id>","data":<JSON>}`.
-pub fn inbox_payload(connection: &str, data: &str) -> String {
-    let mut out = String::with_capacity(connection.len() + data.len() + 32);
-    out.push_str("{\"connection\":");
-    out.push_str(&serde_json::Value::String(connection.to_owned()).to_string());
-    out.push_str(",\"data\":");
-    out.push_str(data);
-    out.push('}');
+/// (user, id) pairs grouped by user, anonymous ones (`""`) left out.
+fn group_by_user<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<&'a str, Vec<&'a str>> {
+    let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (user, id) in pairs {
+        if !user.is_empty() {
+            out.entry(user).or_default().push(id);
+        }
+    }
     out
+}
+
+/// The members of a user's set that belong to `instance` and are not to be kept.
+fn stale_members<'a>(
+    members: &'a [String],
+    instance: &str,
+    user: &str,
+    keep: &impl Fn(&str, &str) -> bool,
+) -> Vec<&'a str> {
+    members
+        .iter()
+        .filter(|id| parse_conn_id(id).is_some_and(|(inst, ..)| inst == instance))
+        .filter(|id| !keep(user, id))
+        .map(String::as_str)
+        .collect()
+}
+
+/// Remove `instance`'s connection ids from the sets of `users`, except those `keep(user, id)`
+/// says are live: `SMEMBERS` of every set in one pipeline, then the `SREM`s in another. The
+/// owner of an id is read from the id itself (`<instance>-…`), so this works after the
+/// connection keys expired. Returns how many ids were removed.
+async fn purge_user_sets(
+    redis: &mut RedisConn,
+    keys: &Keys,
+    instance: &str,
+    users: &[String],
+    keep: impl Fn(&str, &str) -> bool,
+) -> io::Result<usize> {
+    if users.is_empty() {
+        return Ok(0);
+    }
+    let mut cmds = BytesMut::new();
+    for user in users {
+        resp::encode_command(&mut cmds, &[b"SMEMBERS", keys.user(user).as_bytes()]);
+    }
+    let sets = redis.pipeline(cmds, users.len()).await?;
+    let mut cmds = BytesMut::new();
+    let mut n = 0;
+    let mut removed = 0;
+    for (user, set) in users.iter().zip(&sets) {
+        let members = strings(set);
+        let stale = stale_members(&members, instance, user, &keep);
+        removed += stale.len();
+        let key = keys.user(user);
+        for chunk in stale.chunks(CHUNK) {
+            let mut args: Vec<&[u8]> = vec![b"SREM", key.as_bytes()];
+            args.extend(chunk.iter().map(|id| id.as_bytes()));
+            resp::encode_command(&mut cmds, &args);
+            n += 1;
+        }
+    }
+    if n > 0 {
+        redis.pipeline(cmds, n).await?;
+    }
+    Ok(removed)
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "not connected")
 }
 
 /// Bulk/simple strings of an array reply.
@@ -865,15 +1288,183 @@ mod tests {
         assert_eq!(k.index("a"), "ws:instance:a:conns");
         assert_eq!(k.instances(), "ws:instances");
         assert_eq!(k.inbox("a"), "ws:inbox:a");
+        assert_eq!(k.user("42"), "ws:user:42");
+        assert_eq!(k.instance_users("a"), "ws:instance:a:users");
         assert_eq!(Keys::new("x/").conn("c"), "x/conn:c");
     }
 
+    fn send(target: Target, data: &str) -> InboxMsg {
+        InboxMsg {
+            target,
+            action: Action::Send(data.into()),
+        }
+    }
+
     #[test]
-    fn inbox_payload_is_json_with_the_data_verbatim() {
-        let p = inbox_payload("i-0-1-2", r#"{"a":[1,2.50]}"#);
+    fn inbox_payloads_are_json_with_the_data_verbatim() {
+        let conn = Target::Connection("i-0-1-2".into());
+        let p = send(conn.clone(), r#"{"a":[1,2.50]}"#).encode();
         assert_eq!(p, r#"{"connection":"i-0-1-2","data":{"a":[1,2.50]}}"#);
-        let v: serde_json::Value = serde_json::from_str(&inbox_payload("q\"x", "null")).unwrap();
-        assert_eq!(v["connection"], "q\"x");
+        let p = send(Target::User("42".into()), "null").encode();
+        assert_eq!(p, r#"{"user":"42","data":null}"#);
+        let bye = Action::Disconnect {
+            code: 4100,
+            reason: "bye \"now\"".into(),
+        };
+        let p = InboxMsg {
+            target: conn,
+            action: bye.clone(),
+        }
+        .encode();
+        assert_eq!(
+            p,
+            r#"{"connection":"i-0-1-2","disconnect":true,"code":4100,"reason":"bye \"now\""}"#
+        );
+        let p = InboxMsg {
+            target: Target::User("u\"1".into()),
+            action: bye,
+        }
+        .encode();
+        assert_eq!(
+            p,
+            r#"{"user":"u\"1","disconnect":true,"code":4100,"reason":"bye \"now\""}"#
+        );
+    }
+
+    #[test]
+    fn inbox_payloads_round_trip() {
+        let msgs = [
+            send(
+                Target::Connection("a-0-1-2".into()),
+                r#"{"x":[1,2.50,"é"]}"#,
+            ),
+            send(Target::User("42".into()), "null"),
+            send(Target::User("ü:{tag}".into()), r#""text""#),
+            InboxMsg {
+                target: Target::Connection("q\"x-0-1-2".into()),
+                action: Action::Disconnect {
+                    code: 4004,
+                    reason: "disconnected by the server".into(),
+                },
+            },
+            InboxMsg {
+                target: Target::User("42".into()),
+                action: Action::Disconnect {
+                    code: 4999,
+                    reason: "r".repeat(MAX_REASON),
+                },
+            },
+        ];
+        for m in msgs {
+            assert_eq!(
+                InboxMsg::decode(m.encode().as_bytes()),
+                Ok(m.clone()),
+                "{m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inbox_payloads_from_backends_get_defaults_and_are_checked() {
+        let m = InboxMsg::decode(br#"{"user":"7","disconnect":true}"#).unwrap();
+        assert_eq!(m.target, Target::User("7".into()));
+        assert_eq!(
+            m.action,
+            Action::Disconnect {
+                code: crate::auth::close::DISCONNECTED,
+                reason: DEFAULT_REASON.into()
+            }
+        );
+        // The payload the hub has always accepted.
+        let m = InboxMsg::decode(br#"{"connection":"a-0-1-2","data":{"k":1}}"#).unwrap();
+        assert_eq!(m.action, Action::Send(r#"{"k":1}"#.into()));
+        let long = format!(
+            r#"{{"user":"7","disconnect":true,"reason":"{}"}}"#,
+            "r".repeat(MAX_REASON + 1)
+        );
+        for bad in [
+            "not json",
+            r#"{"data":1}"#,
+            r#"{"connection":"a-0-1-2","user":"7","data":1}"#,
+            r#"{"user":"","data":1}"#,
+            r#"{"user":7,"data":1}"#,
+            r#"{"user":"7"}"#,
+            r#"{"user":"7","disconnect":false}"#,
+            r#"{"user":"7","data":1,"disconnect":true}"#,
+            r#"{"user":"7","disconnect":true,"code":1000}"#,
+            r#"{"user":"7","disconnect":true,"code":5000}"#,
+            r#"{"user":"7","disconnect":true,"code":-1}"#,
+            r#"{"user":"7","disconnect":true,"code":4100.5}"#,
+            &long,
+        ] {
+            assert!(InboxMsg::decode(bad.as_bytes()).is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn disconnect_limits() {
+        assert!(Action::disconnect(Some(4000), Some("")).is_ok());
+        assert!(Action::disconnect(Some(4999), None).is_ok());
+        assert!(Action::disconnect(Some(3999), None).is_err());
+        assert!(Action::disconnect(Some(1000), None).is_err());
+        // 123 bytes of UTF-8 fit (61 two-byte characters and one byte), 124 do not.
+        let fits = format!("{}x", "é".repeat(61));
+        assert_eq!(fits.len(), MAX_REASON);
+        assert!(Action::disconnect(None, Some(&fits)).is_ok());
+        assert!(Action::disconnect(None, Some(&format!("{fits}x"))).is_err());
+    }
+
+    #[test]
+    fn stale_members_are_the_instances_own_ids_not_kept() {
+        let members: Vec<String> = ["ab-0-1-1", "ab-1-0-3-4", "ab-1-2-5", "cd-0-0-1", "junk"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        // "ab-1-0-3-4" belongs to instance "ab-1", not "ab".
+        let none = |_: &str, _: &str| false;
+        assert_eq!(
+            stale_members(&members, "ab", "u", &none),
+            ["ab-0-1-1", "ab-1-2-5"]
+        );
+        assert_eq!(stale_members(&members, "ab-1", "u", &none), ["ab-1-0-3-4"]);
+        let keep = |user: &str, id: &str| user == "u" && id == "ab-1-2-5";
+        assert_eq!(stale_members(&members, "ab", "u", &keep), ["ab-0-1-1"]);
+        assert_eq!(
+            stale_members(&members, "ab", "v", &keep),
+            ["ab-0-1-1", "ab-1-2-5"]
+        );
+    }
+
+    #[test]
+    fn grouping_by_user_leaves_anonymous_out() {
+        let pairs = [
+            ("u", "a-0-0-1"),
+            ("", "a-0-0-2"),
+            ("v", "a-0-0-3"),
+            ("u", "a-1-0-4"),
+        ];
+        let g = group_by_user(pairs.into_iter());
+        assert_eq!(g.len(), 2);
+        assert_eq!(g["u"], ["a-0-0-1", "a-1-0-4"]);
+        assert_eq!(g["v"], ["a-0-0-3"]);
+    }
+
+    #[test]
+    fn request_fields_name_exactly_one_target() {
+        let f = |body: &str| -> Result<Target, String> {
+            let f: Fields = serde_json::from_str(body).map_err(|e| e.to_string())?;
+            f.target().map_err(String::from)
+        };
+        assert_eq!(f(r#"{"user":"42"}"#), Ok(Target::User("42".into())));
+        assert_eq!(
+            f(r#"{"connection":"a-0-1-2"}"#),
+            Ok(Target::Connection("a-0-1-2".into()))
+        );
+        assert!(f(r#"{}"#).is_err());
+        assert!(f(r#"{"user":""}"#).is_err());
+        assert!(f(r#"{"user":"1","connection":"a-0-1-2"}"#).is_err());
+        let d: Fields = serde_json::from_str(r#"{"user":"1","data":null}"#).unwrap();
+        assert_eq!(d.data.map(|r| r.get()), Some("null"), "null is data");
     }
 
     #[test]

@@ -8,11 +8,12 @@
 //! 2. heartbeats keep `ws:instance:<id>` alive across several TTLs, and connection keys are
 //!    refreshed before they expire;
 //! 3. SIGKILL of one of two instances: the survivor removes every key of the dead one long
-//!    before the connection TTL, and keeps serving with its own keys intact;
+//!    before the connection TTL, and keeps serving with its own keys intact; with auth, the dead
+//!    one's ids leave the users' sets (`ws:user:<user>`) even when their connection keys are gone;
 //! 4. graceful shutdown removes every key of the instance (and none of another's);
 //! 5. `POST /send` across instances and across shards, 404s, `GET /instances`, the
 //!    `ringhub instances` CLI, and the embedded (no Redis) variants;
-//! 6. a backend publishing straight into `ws:inbox:<instance>`;
+//! 6. a backend publishing straight into `ws:inbox:<instance>` (direct messages and disconnects);
 //! 7. a Redis outage never blocks a shard, and the registry is right again after Redis returns.
 //!
 //! Not covered: the repair after a full registry queue (capacity 65,536 events, drained
@@ -361,9 +362,16 @@ fn keys_hold_the_right_json_and_ttls_after_1000_open_and_500_closed() {
     );
 
     // Each value: the right fields, this client's address, a plausible time, a bounded TTL.
-    let fields: BTreeSet<&str> = ["connection", "instance", "shard", "remote", "connected_at"]
-        .into_iter()
-        .collect();
+    let fields: BTreeSet<&str> = [
+        "connection",
+        "instance",
+        "shard",
+        "remote",
+        "connected_at",
+        "user",
+    ]
+    .into_iter()
+    .collect();
     for c in &open {
         let key = conn_key(&c.id);
         let v = json_at(&mut r, &key).unwrap_or_else(|| panic!("{key} missing"));
@@ -372,6 +380,7 @@ fn keys_hold_the_right_json_and_ttls_after_1000_open_and_500_closed() {
         assert_eq!(v["connection"], c.id.as_str(), "{key}: {v}");
         assert_eq!(v["instance"], me.as_str(), "{key}: {v}");
         assert_eq!(v["shard"], c.shard(), "{key}: {v}");
+        assert_eq!(v["user"], "", "{key}: anonymous: {v}");
         let local = c.ws.get_ref().local_addr().unwrap().to_string();
         assert_eq!(v["remote"], local.as_str(), "{key}: {v}");
         let at = v["connected_at"]
@@ -577,6 +586,138 @@ fn a_sigkilled_instance_is_cleaned_up_by_the_survivor() {
     let listed = instances(survivor.addr);
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["instance"], sid.as_str());
+}
+
+/// HMAC secret of the auth-mode hubs.
+const SECRET: &str = "ringhub-registry-test-secret-0123456789abcdef";
+
+/// A connection authenticated as `user` with an HS256 token (minted here with `jsonwebtoken`).
+fn connect_as(addr: SocketAddr, user: &str) -> Client {
+    let exp = unix_ms() / 1000 + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).expect("an HMAC key"),
+    )
+    .expect("mint a token");
+    let mut c = Client::connect(addr);
+    c.send_json(json!({"type":"connect","token":token}));
+    let v = c.recv_json();
+    assert_eq!(v["type"], "connected", "connect as {user}: {v}");
+    assert_eq!(v["user"], user, "{v}");
+    c
+}
+
+/// Wait until `SMEMBERS key` is exactly `want` (sorted).
+fn wait_for_members(r: &mut RedisClient, key: &str, want: &[String]) {
+    eventually(SETTLE, &format!("{key} to hold {want:?}"), || {
+        let got = r.smembers(key);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+}
+
+#[test]
+fn a_sigkilled_instances_ids_leave_the_users_sets() {
+    let redis = RedisServer::start();
+    let mut r = redis.client();
+    let cfg = RedisConfig::from_url(&redis.url()).expect("valid Redis URL");
+    let survivor = Hub::start(|c| {
+        c.redis = Some(cfg);
+        c.heartbeat_interval = ms(200);
+        c.heartbeat_ttl = secs(1);
+        c.connection_ttl = secs(30);
+        c.auth = Some(ringhub::auth::AuthConfig {
+            secret: Some(SECRET.into()),
+            ..Default::default()
+        });
+    });
+    let sid = instance_of(&survivor);
+    let url = redis.url();
+    let mut victim = HubProcess::spawn(&[
+        "--shards",
+        "2",
+        "--no-pin",
+        "--redis",
+        &url,
+        "--heartbeat-interval",
+        "200ms",
+        "--heartbeat-ttl",
+        "1s",
+        "--connection-ttl",
+        "30s",
+        "--auth-secret",
+        SECRET,
+    ]);
+    let vid = victim.instance.clone();
+    for addr in [survivor.addr, victim.addr] {
+        eventually(WAIT, "both hubs to become ready", || {
+            match http(addr, "GET", "/readyz", &[], b"") {
+                (200, _) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+    }
+
+    let victims_42: Vec<Client> = (0..3).map(|_| connect_as(victim.addr, "42")).collect();
+    let victim_9 = connect_as(victim.addr, "9");
+    let mut mine = connect_as(survivor.addr, "42");
+    let mut victim_ids: Vec<String> = victims_42.iter().map(|c| c.id.clone()).collect();
+    let mut all_42 = victim_ids.clone();
+    all_42.push(mine.id.clone());
+    wait_for_members(&mut r, "ws:user:42", &sorted(&all_42));
+    wait_for_members(&mut r, "ws:user:9", std::slice::from_ref(&victim_9.id));
+    let victim_users = format!("ws:instance:{vid}:users");
+    wait_for_members(&mut r, &victim_users, &["42".to_string(), "9".to_string()]);
+    victim_ids.push(victim_9.id.clone());
+
+    victim.kill9();
+    // As if the connection keys had expired before anyone noticed the death (the heartbeat TTL
+    // is 1 s; this runs within moments): the cleanup must not need them.
+    let keys = conn_keys(&victim_ids);
+    let mut del: Vec<&[u8]> = vec![b"DEL"];
+    del.extend(keys.iter().map(|k| k.as_bytes()));
+    let deleted = r.command(&del);
+    assert_eq!(
+        deleted,
+        ringhub::resp::Frame::Integer(4),
+        "the victim's connection keys existed until now"
+    );
+    drop(victims_42);
+    drop(victim_9);
+
+    // The users' sets live 32 s (connection TTL + 2 heartbeat TTLs): within 15 s only the
+    // survivor's cleanup can have emptied them.
+    eventually(
+        Duration::from_secs(15),
+        "the survivor to remove the dead instance's ids from the users' sets",
+        || {
+            let state = (
+                r.smembers("ws:user:42"),
+                r.exists(&["ws:user:9".to_string(), victim_users.clone()]),
+            );
+            if state == (vec![mine.id.clone()], 0) {
+                Ok(())
+            } else {
+                Err(format!("(ws:user:42, ws:user:9 + users set) = {state:?}"))
+            }
+        },
+    );
+    assert_eq!(r.get(&format!("ws:cleanup:{vid}")), Some(sid.clone()));
+    assert_eq!(
+        r.smembers(&format!("ws:instance:{sid}:users")),
+        vec!["42".to_string()]
+    );
+    let body = json!({"user": "42", "data": "still here"}).to_string();
+    let (status, reply) = http(survivor.addr, "POST", "/send", &[], body.as_bytes());
+    assert_eq!(
+        (status, reply.as_str()),
+        (200, r#"{"ok":true,"connections":1}"#)
+    );
+    assert_eq!(mine.recv_text(), r#"{"type":"direct","data":"still here"}"#);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -903,6 +1044,49 @@ fn a_backend_can_publish_to_an_instance_inbox() {
         clients[0].recv_text(),
         r#"{"type":"direct","data":"again"}"#
     );
+}
+
+#[test]
+fn a_backend_can_disconnect_through_an_instance_inbox() {
+    let redis = RedisServer::start();
+    let mut r = redis.client();
+    let hub = registry_hub(&redis, STEADY);
+    let inbox = format!("ws:inbox:{}", instance_of(&hub));
+    eventually(
+        SETTLE,
+        "the instance to subscribe to its inbox",
+        || match r.numsub(&inbox) {
+            1 => Ok(()),
+            n => Err(format!("{n} subscribers")),
+        },
+    );
+    let mut clients = clients_on_each_shard(hub.addr, 2);
+    let id = clients[0].id.clone();
+    // Ignored: a code or reason out of range, no action, both actions, an empty user.
+    for junk in [
+        json!({"connection": id, "disconnect": true, "code": 1000}),
+        json!({"connection": id, "disconnect": true, "code": 5000}),
+        json!({"connection": id, "disconnect": true, "reason": "r".repeat(124)}),
+        json!({"connection": id, "disconnect": false}),
+        json!({"connection": id}),
+        json!({"connection": id, "disconnect": true, "data": 1}),
+        json!({"user": "", "disconnect": true}),
+    ] {
+        assert_eq!(r.publish(&inbox, junk.to_string().as_bytes()), 1);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        ping_pong(c, &format!("d{i}"));
+    }
+    // Shard 0 receives the inbox: one connection is closed there, the other on shard 1.
+    let payloads = [
+        json!({"connection": clients[0].id, "disconnect": true}),
+        json!({"connection": clients[1].id, "disconnect": true, "code": 4321, "reason": "backend"}),
+    ];
+    let expected = [(4004, "disconnected by the server"), (4321, "backend")];
+    for ((c, payload), (code, reason)) in clients.iter_mut().zip(payloads).zip(expected) {
+        assert_eq!(r.publish(&inbox, payload.to_string().as_bytes()), 1);
+        assert_eq!(c.expect_close(), (code, reason.to_string()), "{payload}");
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
