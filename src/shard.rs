@@ -415,21 +415,22 @@ impl Shard {
         c.deadline = tick.wrapping_add(self.ticks.auth);
         self.metrics.connections_current += 1;
         self.metrics.connections_total += 1;
-        // In auth mode a connection is registered once it has authenticated (with its user).
-        if self.shared.registry.is_some() && !echo && self.shared.verifier.is_none() {
+        // Registered now (with its address); in auth mode registered again with its user once
+        // it authenticated (the registry treats that as an update).
+        if self.shared.registry.is_some() && !echo {
             let rec = self.record(key, Some(remote));
             self.tell_registry(RegEvent::Register(rec));
         }
     }
 
-    /// Whether the registry knows this connection (open WebSockets; in auth mode, authenticated
-    /// ones).
+    /// Whether the registry knows this connection (every open WebSocket but `/echo` ones).
     fn is_registered(&self, key: usize) -> bool {
         let c = &self.conns[key];
-        c.upgraded && !c.echo && (self.shared.verifier.is_none() || c.session.is_some())
+        c.upgraded && !c.echo
     }
 
-    /// Tell the registry about a connection that just authenticated (auth mode).
+    /// Tell the registry the user of a connection that just authenticated (an update of the
+    /// record written at the upgrade: address and connect time are kept).
     pub(crate) fn register_authenticated(&mut self, key: usize) {
         if self.shared.registry.is_some() {
             let rec = self.record(key, None);
