@@ -753,3 +753,162 @@ fn open_mode_is_unchanged_and_refuses_private_channels() {
     c.send_json(json!({"type":"subscribe","channel":"$x","id":2}));
     expect_error(&mut c, "permission_denied");
 }
+
+/// A JWKS endpoint on a free loopback port: serves the current key set, counts requests, and
+/// can be taken down (the listener is closed: connections are refused).
+struct JwksServer {
+    addr: SocketAddr,
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JwksServer {
+    fn start(keys: &[Value]) -> JwksServer {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = std::sync::Arc::new(std::sync::Mutex::new(json!({"keys": keys}).to_string()));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, r, s) = (body.clone(), requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let mut conn = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                r.fetch_add(1, Ordering::SeqCst);
+                let body = b.lock().unwrap().clone();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes());
+            }
+        });
+        JwksServer {
+            addr,
+            body,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn set_keys(&self, keys: &[Value]) {
+        *self.body.lock().unwrap() = json!({"keys": keys}).to_string();
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Close the listener: fetches fail with "connection refused".
+    fn take_down(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.take_down();
+    }
+}
+
+fn jwk(public: &str, kid: &str, alg: Algorithm) -> Value {
+    let pem = std::fs::read(key_path(public)).unwrap();
+    ringhub::auth::jwks::jwk_from_public_pem(&pem, kid, alg).unwrap()
+}
+
+#[test]
+fn jwks_lookup_rotation_flood_and_outage() {
+    let k1 = jwk("rsa_public.pem", "k1", Algorithm::RS256);
+    let k2 = jwk("rsa2_public.pem", "k2", Algorithm::RS256);
+    let k3 = jwk("ec_public.pem", "k3", Algorithm::ES256);
+    let mut jwks = JwksServer::start(std::slice::from_ref(&k1));
+    let url = format!("http://{}/.well-known/jwks.json", jwks.addr);
+    let hub = Hub::start(|c| {
+        c.shards = 1;
+        c.auth = Some(AuthConfig {
+            jwks_url: Some(url),
+            ..AuthConfig::default()
+        });
+    });
+    assert_eq!(jwks.requests(), 1, "the key set is fetched at start");
+    let signed = |private: &str, alg: Algorithm, kid: &str, user: &str| {
+        let claims = json!({"sub": user, "exp": now_secs() + 60});
+        mint(&pem(private, alg), &claims, Some(kid)).unwrap()
+    };
+    let mut healthy = Client::connect(hub.addr);
+    let t = signed("rsa_private.pem", Algorithm::RS256, "k1", "h");
+    assert_eq!(connect_with(&mut healthy, &t)["type"], "connected");
+    healthy.subscribe("feed");
+
+    // Rotation: the issuer publishes k2 and k3; the first token naming k2 makes the hub refetch.
+    jwks.set_keys(&[k1.clone(), k2, k3]);
+    let mut c = Client::connect(hub.addr);
+    let t = signed("rsa2_private.pem", Algorithm::RS256, "k2", "u2");
+    let r = connect_with(&mut c, &t);
+    assert_eq!(
+        (r["type"].as_str(), r["user"].as_str()),
+        (Some("connected"), Some("u2")),
+        "{r}"
+    );
+    assert_eq!(jwks.requests(), 2);
+    let mut c = Client::connect(hub.addr);
+    let t = signed("ec_private.pem", Algorithm::ES256, "k3", "u3");
+    assert_eq!(
+        connect_with(&mut c, &t)["type"],
+        "connected",
+        "k3 came with the same fetch"
+    );
+    // A token naming k1 but signed with another key is refused.
+    let mut c = Client::connect(hub.addr);
+    let t = signed("rsa2_private.pem", Algorithm::RS256, "k1", "x");
+    assert_eq!(connect_with(&mut c, &t)["code"], "unauthorized");
+    assert_eq!(c.expect_close().0, 4001);
+
+    // A flood of unknown kids: refused cleanly, and no more than one fetch per 30 s.
+    for i in 0..20 {
+        let mut c = Client::connect(hub.addr);
+        let t = signed(
+            "rsa_private.pem",
+            Algorithm::RS256,
+            &format!("nope-{i}"),
+            "f",
+        );
+        let r = connect_with(&mut c, &t);
+        assert_eq!(r["code"], "unauthorized", "{r}");
+        assert_eq!(c.expect_close().0, 4001);
+    }
+    still_receives(hub.addr, &mut healthy, "feed", 1);
+    assert_eq!(jwks.requests(), 2, "the flood caused no fetch");
+
+    // The JWKS URL goes down: the last good keys keep working, a new kid is refused cleanly.
+    jwks.take_down();
+    let mut c = Client::connect(hub.addr);
+    let t = signed("rsa_private.pem", Algorithm::RS256, "k1", "after");
+    assert_eq!(connect_with(&mut c, &t)["type"], "connected");
+    let mut c = Client::connect(hub.addr);
+    let t = signed("rsa_private.pem", Algorithm::RS256, "k9", "after");
+    assert_eq!(connect_with(&mut c, &t)["code"], "unauthorized");
+    assert_eq!(c.expect_close().0, 4001);
+    still_receives(hub.addr, &mut healthy, "feed", 2);
+}
