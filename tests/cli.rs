@@ -1,5 +1,6 @@
 //! The real `ringhub` binary: flags and environment variables parse (including `--cpus`, which
-//! once crashed clap), the hub serves, and SIGTERM shuts it down gracefully with exit status 0.
+//! once crashed clap), the hub serves (also from a config file, with flags on top), and SIGTERM
+//! shuts it down gracefully with exit status 0. Config file details: tests/config.rs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -79,6 +80,48 @@ fn serve_with_flags_then_sigterm_exits_zero() {
     assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
 }
 
+/// `POST /publish` with `Authorization: Bearer <key>`: the response's status line.
+fn publish_with_key(addr: &str, key: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = r#"{"channel":"c","data":1}"#;
+    write!(
+        s,
+        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn serve_with_a_config_file_and_flags_on_top() {
+    let dir = std::env::temp_dir().join(format!("ringhub-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("hub.toml");
+    // `listen` is overridden by spawn's --listen 127.0.0.1:0.
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:1\"\nshards = 1\ncpus = [0]\napi_key = \"file-key\"\n",
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let (child, addr) = spawn(&["--config", path], &[]);
+    assert!(publish_with_key(&addr, "file-key").starts_with("HTTP/1.1 2"));
+    assert!(publish_with_key(&addr, "other").starts_with("HTTP/1.1 401"));
+    assert_eq!(sigterm_and_wait(child).code(), Some(0));
+    // The environment overrides the file.
+    let (child, addr) = spawn(
+        &[],
+        &[("RINGHUB_CONFIG", path), ("RINGHUB_API_KEY", "env-key")],
+    );
+    assert!(publish_with_key(&addr, "env-key").starts_with("HTTP/1.1 2"));
+    assert!(publish_with_key(&addr, "file-key").starts_with("HTTP/1.1 401"));
+    assert_eq!(sigterm_and_wait(child).code(), Some(0));
+}
+
 #[test]
 fn environment_variables_configure_the_hub() {
     let (child, addr) = spawn(
@@ -142,6 +185,10 @@ fn help_documents_every_flag_with_its_default() {
         "--max-connections",
         "--api-key",
         "--redis",
+        "--config",
+        "--print-config",
+        "--auth-secret",
+        "--allowed-origins",
     ] {
         assert!(help.contains(flag), "help lacks {flag}");
     }
@@ -149,4 +196,12 @@ fn help_documents_every_flag_with_its_default() {
         help.contains("[default: 25s]") && help.contains("[env: RINGHUB_SHARDS"),
         "{help}"
     );
+    assert!(help.contains("[env: RINGHUB_CONFIG"), "{help}");
+    for sub in [vec!["config", "check", "--help"], vec!["token", "--help"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringhub"))
+            .args(&sub)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sub:?}");
+    }
 }

@@ -3,6 +3,9 @@
 //! Parsing of flags and environment variables happens only in the binary (`main.rs`); this module
 //! holds the values plus the small parsers for sizes (`64KiB`) and durations (`500ms`, `25s`, `2m`)
 //! that the binary and the tests share. [`Config::default`] is what `ringhub serve` runs with.
+//! [`file`] reads the TOML config file (`--config`) onto a `Config`.
+
+pub mod file;
 
 use crate::auth::namespaces::Namespaces;
 use crate::auth::AuthConfig;
@@ -312,7 +315,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n * 3600),
         other => {
             return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
+                "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)"
             ))
         }
     };
@@ -336,6 +339,34 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Write a duration the way [`parse_duration`] reads it: `500ms`, `25s`, `2m`, `1h` (the largest
+/// whole unit; sub-millisecond parts are dropped).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    let s = ms / 1000;
+    if !ms.is_multiple_of(1000) {
+        format!("{ms}ms")
+    } else if s != 0 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s != 0 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Write a byte size the way [`parse_size`] reads it: `1GiB`, `1MiB`, `64KiB` (the largest whole
+/// binary unit), else the number of bytes.
+pub fn format_size(n: usize) -> String {
+    let unit = [(30, "GiB"), (20, "MiB"), (10, "KiB")]
+        .into_iter()
+        .find(|&(shift, _)| n != 0 && n.is_multiple_of(1 << shift));
+    match unit {
+        Some((shift, name)) => format!("{}{name}", n >> shift),
+        None => n.to_string(),
+    }
 }
 
 /// Parse a core list like `0,2-3` into `[0, 2, 3]`.
@@ -382,6 +413,20 @@ mod tests {
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert!(parse_size("12 apples").is_err());
         assert!(parse_size("99999999999999999999g").is_err());
+    }
+
+    #[test]
+    fn formatting_reads_back() {
+        for d in [0, 1, 500, 1000, 25_000, 120_000, 7_200_000, 90_500] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        for n in [0, 1, 1000, 1024, 65536, 1 << 20, 3 << 30, (1 << 20) + 1] {
+            assert_eq!(parse_size(&format_size(n)).unwrap(), n);
+        }
+        assert_eq!(format_size(64 << 10), "64KiB");
     }
 
     #[test]
