@@ -35,6 +35,10 @@ pub enum BrokerError {
     Unavailable,
 }
 
+/// A history read in flight (Redis mode).
+pub type HistoryFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<crate::history::Page, BrokerError>>>>;
+
 /// One per shard. Implementations must not block: they queue work and return.
 pub trait Broker {
     /// Route a publish of `data` (JSON text) on `channel` from this shard.
@@ -51,6 +55,33 @@ pub trait Broker {
     }
     /// Shard `from` reported an interest change (in-process broker only).
     fn peer_interest(&mut self, _from: usize, _channel: Arc<str>, _on: bool) {}
+    /// Redis mode: publish on a history channel (numbered and kept by Redis, then delivered
+    /// through the bus with its offset). The in-process broker is never asked: in embedded mode
+    /// the shard sends history publishes to the channel's owner shard itself.
+    fn publish_history(
+        &mut self,
+        _channel: &str,
+        _data: &[u8],
+        _opts: &crate::history::HistoryOptions,
+    ) -> Result<(), BrokerError> {
+        Err(BrokerError::Unavailable)
+    }
+    /// Redis mode: read `channel`'s history after `since` (at most `limit` messages), with its
+    /// epoch and top offset. `None`: this broker keeps no history (embedded mode reads the owner
+    /// shard instead).
+    fn read_history(
+        &mut self,
+        _channel: &str,
+        _since: Option<u64>,
+        _limit: usize,
+        _opts: &crate::history::HistoryOptions,
+    ) -> Option<HistoryFuture> {
+        None
+    }
+    /// Embedded mode: this shard owns `channel`'s history and numbered a message; forward it to
+    /// the other shards with subscribers (as `DeliverNumbered`). Other brokers ignore it.
+    fn forward_numbered(&mut self, _channel: &str, _data: &Bytes, _offset: u64, _epoch: &Arc<str>) {
+    }
     /// Whether publishes can currently be accepted (`/readyz`).
     fn is_ready(&self) -> bool {
         true
@@ -99,6 +130,19 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
+    fn forward_numbered(&mut self, channel: &str, data: &Bytes, offset: u64, epoch: &Arc<str>) {
+        if let Some((name, shards)) = self.interest.get_key_value(channel) {
+            for &s in shards {
+                self.peers[s].push(ShardMsg::DeliverNumbered {
+                    channel: name.clone(),
+                    data: data.clone(),
+                    offset,
+                    epoch: epoch.clone(),
+                });
+            }
+        }
+    }
+
     fn publish(&mut self, channel: &str, data: &[u8]) -> Result<Route, BrokerError> {
         if let Some((name, shards)) = self.interest.get_key_value(channel) {
             // One copy of the payload for all remote shards; each builds its own frame from it.

@@ -286,6 +286,22 @@ impl ConnTask {
                     };
                     (status, json, extra, body)
                 }
+                (Method::Get, "/history") => {
+                    let (status, body) = if !self.authorized(&head) {
+                        (
+                            401,
+                            err_body("unauthorized", "missing or wrong bearer token"),
+                        )
+                    } else {
+                        crate::recovery::http_history(&self.shard, head.query.as_deref()).await
+                    };
+                    let extra: &[(&str, &str)] = if status == 401 {
+                        &[("WWW-Authenticate", "Bearer")]
+                    } else {
+                        &[]
+                    };
+                    (status, json, extra, body)
+                }
                 (Method::Get, "/instances") => {
                     let (status, body) = self.http_instances().await;
                     (status, json, &[], body)
@@ -302,7 +318,7 @@ impl ConnTask {
                     &[("Allow", "POST")],
                     err_body("method_not_allowed", "use POST"),
                 ),
-                (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/instances") => (
+                (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/instances" | "/history") => (
                     405,
                     json,
                     &[("Allow", "GET, HEAD")],
@@ -755,6 +771,11 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)?
         .1;
+    percent_decode(raw).filter(|s| !s.is_empty())
+}
+
+/// Percent-decode a query value (`+` is a space). `None` for a bad escape or invalid UTF-8.
+pub(crate) fn percent_decode(raw: &str) -> Option<String> {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -776,7 +797,7 @@ fn query_param(query: &str, name: &str) -> Option<String> {
             }
         }
     }
-    String::from_utf8(out).ok().filter(|s| !s.is_empty())
+    String::from_utf8(out).ok()
 }
 
 /// Compare secrets without an early exit on the first differing byte.

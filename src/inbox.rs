@@ -24,6 +24,23 @@ use std::task::Poll;
 pub enum ShardMsg {
     /// Deliver `data` (JSON text) on `channel` to this shard's local subscribers.
     Deliver { channel: Arc<str>, data: Bytes },
+    /// Embedded mode: a publish on a history channel, sent to the channel's owner shard, which
+    /// numbers it, keeps it and forwards it as [`ShardMsg::DeliverNumbered`].
+    HistoryPublish { channel: Arc<str>, data: Bytes },
+    /// Deliver a numbered message of a history channel (offset within epoch).
+    DeliverNumbered {
+        channel: Arc<str>,
+        data: Bytes,
+        offset: u64,
+        epoch: Arc<str>,
+    },
+    /// Embedded mode: read a channel's history on its owner shard.
+    HistoryRead {
+        channel: Arc<str>,
+        since: Option<u64>,
+        limit: usize,
+        reply: futures_channel::oneshot::Sender<crate::history::Page>,
+    },
     /// Shard `from` gained its first (`on`) or lost its last (`!on`) subscriber of `channel`.
     /// Used by the in-process broker to publish only to shards that want a channel.
     Interest {

@@ -95,6 +95,9 @@ struct ServeArgs {
     /// Subscriptions one connection may hold.
     #[arg(long, env = "RINGHUB_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
     max_subscriptions: usize,
+    /// A subscribe with `since` missing more messages than this gets `recovered: false`.
+    #[arg(long, env = "RINGHUB_MAX_RECOVERY", default_value_t = 1000)]
+    max_recovery: usize,
     /// Publishes per second per connection (token bucket; 0 = unlimited). Beyond it publishes are
     /// dropped with a `rate_limited` error; persistent abuse closes the connection with 1008.
     #[arg(long, env = "RINGHUB_MAX_PUBLISH_RATE", default_value_t = 1000)]
@@ -283,6 +286,7 @@ fn serve_settings(
         s.config.max_subscriptions,
         a.max_subscriptions
     );
+    flag!(max_recovery, s.config.max_recovery, a.max_recovery);
     flag!(
         max_publish_rate,
         s.config.max_publish_rate,

@@ -69,6 +69,18 @@ pub struct ShardMetrics {
     pub server_disconnects: u64,
     /// Upgrades refused with 403 by `allowed_origins`.
     pub origin_refusals: u64,
+    /// History reads (subscribes to history channels, `history` commands, `GET /history`).
+    pub history_reads: u64,
+    /// Subscribes with `since` answered `recovered: true`.
+    pub recoveries_complete: u64,
+    /// Subscribes with `since` answered `recovered: false`.
+    pub recoveries_reset: u64,
+    /// Messages sent as the backlog of complete recoveries.
+    pub messages_recovered: u64,
+    /// Messages a shard fetched from the history to fill a gap in its live stream (Redis mode).
+    pub history_repaired: u64,
+    /// Epoch changes seen on a live history channel (`reset` sent to its subscribers).
+    pub history_resets: u64,
     /// Error replies sent, by code (see [`ERROR_CODES`]).
     pub errors: [u64; ERROR_CODES.len()],
 }
@@ -100,6 +112,12 @@ impl ShardMetrics {
         self.expiry_closes += o.expiry_closes;
         self.server_disconnects += o.server_disconnects;
         self.origin_refusals += o.origin_refusals;
+        self.history_reads += o.history_reads;
+        self.recoveries_complete += o.recoveries_complete;
+        self.recoveries_reset += o.recoveries_reset;
+        self.messages_recovered += o.messages_recovered;
+        self.history_repaired += o.history_repaired;
+        self.history_resets += o.history_resets;
         for (a, b) in self.errors.iter_mut().zip(o.errors.iter()) {
             *a += b;
         }
@@ -114,7 +132,7 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
     }
     let mut out = String::with_capacity(4096);
     type Getter = fn(&ShardMetrics) -> u64;
-    let series: [(&str, &str, &str, Getter); 20] = [
+    let series: [(&str, &str, &str, Getter); 26] = [
         (
             "ringhub_connections",
             "gauge",
@@ -234,6 +252,42 @@ pub fn render_prometheus(shards: &[ShardMetrics]) -> String {
             "counter",
             "Upgrades refused with 403 by allowed_origins.",
             |m| m.origin_refusals,
+        ),
+        (
+            "ringhub_history_reads_total",
+            "counter",
+            "History reads (history subscribes, history commands, GET /history).",
+            |m| m.history_reads,
+        ),
+        (
+            "ringhub_recoveries_complete_total",
+            "counter",
+            "Subscribes with since answered recovered:true.",
+            |m| m.recoveries_complete,
+        ),
+        (
+            "ringhub_recoveries_reset_total",
+            "counter",
+            "Subscribes with since answered recovered:false.",
+            |m| m.recoveries_reset,
+        ),
+        (
+            "ringhub_messages_recovered_total",
+            "counter",
+            "Messages sent as recovery backlogs.",
+            |m| m.messages_recovered,
+        ),
+        (
+            "ringhub_history_repaired_total",
+            "counter",
+            "Messages fetched from the history to fill a gap in a shard's live stream.",
+            |m| m.history_repaired,
+        ),
+        (
+            "ringhub_history_resets_total",
+            "counter",
+            "Epoch changes on live history channels (reset sent).",
+            |m| m.history_resets,
         ),
     ];
     for (name, kind, help, get) in series {

@@ -55,6 +55,15 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
         /// A channel token (private channels).
         token: Option<Cow<'a, str>>,
+        /// Recovery: the last offset the client has, in an epoch (history channels).
+        since: Option<crate::history::Since>,
+        id: Option<&'a RawValue>,
+    },
+    /// Read a history channel: messages after `since` (all kept ones without), at most `limit`.
+    History {
+        channel: Cow<'a, str>,
+        since: Option<u64>,
+        limit: Option<usize>,
         id: Option<&'a RawValue>,
     },
     Unsubscribe {
@@ -94,6 +103,7 @@ impl<'a> Command<'a> {
             | Command::Publish { id, .. }
             | Command::Connect { id, .. }
             | Command::Refresh { id, .. }
+            | Command::History { id, .. }
             | Command::Ping { id } => *id,
         }
     }
@@ -103,7 +113,8 @@ impl<'a> Command<'a> {
         match self {
             Command::Subscribe { channel, .. }
             | Command::Unsubscribe { channel, .. }
-            | Command::Publish { channel, .. } => Some(channel),
+            | Command::Publish { channel, .. }
+            | Command::History { channel, .. } => Some(channel),
             Command::Refresh { channel, .. } => channel.as_deref(),
             Command::Ping { .. } | Command::Connect { .. } => None,
         }
@@ -201,6 +212,10 @@ struct Raw<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    limit: Option<&'a RawValue>,
 }
 
 /// Deserialize a field that is present as `Some(raw)`, even when its value is `null`.
@@ -299,10 +314,49 @@ pub fn parse_command(text: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
                 .ok_or_else(|| bad_request(id, "`token` must be a string")),
         }
     };
+    let number =
+        |raw: Option<&RawValue>, name: &str| -> Result<Option<u64>, CommandError<'_>> {
+            match raw {
+                None => Ok(None),
+                Some(v) => v.get().parse::<u64>().map(Some).map_err(|_| {
+                    bad_request(id, format!("`{name}` must be a non-negative integer"))
+                }),
+            }
+        };
     match &*kind {
-        "subscribe" => Ok(Command::Subscribe {
+        "subscribe" => {
+            let channel = take_channel(raw.channel, id)?;
+            let since = match raw.since {
+                None => None,
+                Some(v) => {
+                    #[derive(Deserialize)]
+                    struct SinceRaw {
+                        offset: u64,
+                        epoch: String,
+                    }
+                    let s: SinceRaw = serde_json::from_str(v.get()).map_err(|_| {
+                        bad_request(
+                            id,
+                            "`since` must be {\"offset\":<integer>,\"epoch\":<string>}",
+                        )
+                    })?;
+                    Some(crate::history::Since {
+                        offset: s.offset,
+                        epoch: s.epoch,
+                    })
+                }
+            };
+            Ok(Command::Subscribe {
+                channel,
+                token: token(false)?,
+                since,
+                id,
+            })
+        }
+        "history" => Ok(Command::History {
             channel: take_channel(raw.channel, id)?,
-            token: token(false)?,
+            since: number(raw.since, "since")?,
+            limit: number(raw.limit, "limit")?.map(|n| n.min(usize::MAX as u64) as usize),
             id,
         }),
         "connect" => Ok(Command::Connect {
@@ -331,7 +385,7 @@ pub fn parse_command(text: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
         "ping" => Ok(Command::Ping { id }),
         _ => Err(bad_request(
             id,
-            "unknown `type` (expected connect, subscribe, unsubscribe, publish, refresh or ping)",
+            "unknown `type` (expected connect, subscribe, unsubscribe, publish, history, refresh or ping)",
         )),
     }
 }
@@ -512,6 +566,87 @@ pub fn unsubscribed_notice(channel: &str, reason: &str) -> String {
         .finish()
 }
 
+/// `{"type":"subscribed","channel":..,"id":..,"epoch":..,"offset":<top>[,"recovered":..]}`: the
+/// reply to a subscribe on a history channel (`recovered` only when it carried `since`).
+pub fn subscribed_history(
+    channel: &str,
+    id: Option<&RawValue>,
+    epoch: &str,
+    top: u64,
+    recovered: Option<bool>,
+) -> String {
+    let mut o = Obj::new("subscribed", 80 + channel.len() + epoch.len())
+        .str_field("channel", channel)
+        .id(id)
+        .str_field("epoch", epoch);
+    o.0.extend_from_slice(format!(",\"offset\":{top}").as_bytes());
+    if let Some(r) = recovered {
+        o.0.extend_from_slice(if r {
+            b",\"recovered\":true"
+        } else {
+            b",\"recovered\":false"
+        });
+    }
+    o.finish()
+}
+
+/// `{"type":"reset","channel":..,"recovered":false,"epoch":..,"offset":<top>}`: the channel's
+/// history was lost (new epoch); the client should reload from its own source of truth.
+pub fn reset(channel: &str, epoch: &str, top: u64) -> String {
+    let mut o = Obj::new("reset", 80 + channel.len() + epoch.len()).str_field("channel", channel);
+    o.0.extend_from_slice(b",\"recovered\":false");
+    o = o.str_field("epoch", epoch);
+    o.0.extend_from_slice(format!(",\"offset\":{top}").as_bytes());
+    o.finish()
+}
+
+/// The body of a history read: `"epoch":..,"offset":<top>,"messages":[{"offset":..,"data":..},..]`
+/// appended to `o`. `data` items must be JSON text.
+fn history_fields(mut o: Obj, epoch: &str, top: u64, messages: &[(u64, bytes::Bytes)]) -> Obj {
+    o = o.str_field("epoch", epoch);
+    o.0.extend_from_slice(format!(",\"offset\":{top},\"messages\":[").as_bytes());
+    for (i, (offset, data)) in messages.iter().enumerate() {
+        if i > 0 {
+            o.0.push(b',');
+        }
+        o.0.extend_from_slice(format!("{{\"offset\":{offset},\"data\":").as_bytes());
+        o.0.extend_from_slice(data);
+        o.0.push(b'}');
+    }
+    o.0.push(b']');
+    o
+}
+
+/// `{"type":"history","channel":..,"id":..,"epoch":..,"offset":<top>,"messages":[..]}`.
+pub fn history_reply(
+    channel: &str,
+    id: Option<&RawValue>,
+    epoch: &str,
+    top: u64,
+    messages: &[(u64, bytes::Bytes)],
+) -> String {
+    let size = messages.iter().map(|(_, d)| d.len() + 32).sum::<usize>();
+    let o = Obj::new("history", 96 + size)
+        .str_field("channel", channel)
+        .id(id);
+    history_fields(o, epoch, top, messages).finish()
+}
+
+/// `{"channel":..,"epoch":..,"offset":<top>,"messages":[..]}` for `GET /history`.
+pub fn history_body(
+    channel: &str,
+    epoch: &str,
+    top: u64,
+    messages: &[(u64, bytes::Bytes)],
+) -> String {
+    let mut buf =
+        Vec::with_capacity(96 + messages.iter().map(|(_, d)| d.len() + 32).sum::<usize>());
+    buf.extend_from_slice(b"{\"channel\":");
+    push_json_str(&mut buf, channel);
+    let o = history_fields(Obj(buf), epoch, top, messages);
+    o.finish()
+}
+
 /// `{"type":"pong","id":<id>}`, or `{"type":"pong"}` without an id.
 pub fn pong(id: Option<&RawValue>) -> String {
     Obj::new("pong", 24 + id.map_or(0, |id| id.get().len()))
@@ -553,6 +688,35 @@ pub fn write_message_json(dst: &mut BytesMut, channel: &str, data: &[u8]) {
     dst.extend_from_slice(MESSAGE_PREFIX);
     dst.extend_from_slice(channel.as_bytes());
     dst.extend_from_slice(MESSAGE_MIDDLE);
+    dst.extend_from_slice(data);
+    dst.extend_from_slice(MESSAGE_SUFFIX);
+}
+
+const NUMBERED_MIDDLE: &[u8] = b"\",\"offset\":";
+const NUMBERED_DATA: &[u8] = b",\"data\":";
+
+/// Exact length of [`write_numbered_message_json`]'s output.
+pub fn numbered_message_json_len(channel: &str, offset: u64, data: &[u8]) -> usize {
+    let digits = offset.checked_ilog10().unwrap_or(0) as usize + 1;
+    MESSAGE_PREFIX.len()
+        + channel.len()
+        + NUMBERED_MIDDLE.len()
+        + digits
+        + NUMBERED_DATA.len()
+        + data.len()
+        + MESSAGE_SUFFIX.len()
+}
+
+/// Append `{"type":"message","channel":<channel>,"offset":<offset>,"data":<data>}` (a message of
+/// a history channel). Same contract as [`write_message_json`].
+pub fn write_numbered_message_json(dst: &mut BytesMut, channel: &str, offset: u64, data: &[u8]) {
+    debug_assert!(is_valid_channel(channel), "invalid channel {channel:?}");
+    dst.reserve(numbered_message_json_len(channel, offset, data));
+    dst.extend_from_slice(MESSAGE_PREFIX);
+    dst.extend_from_slice(channel.as_bytes());
+    dst.extend_from_slice(NUMBERED_MIDDLE);
+    dst.extend_from_slice(offset.to_string().as_bytes());
+    dst.extend_from_slice(NUMBERED_DATA);
     dst.extend_from_slice(data);
     dst.extend_from_slice(MESSAGE_SUFFIX);
 }
@@ -832,6 +996,84 @@ mod tests {
         ] {
             assert!(is_valid_channel(good), "{good}");
         }
+    }
+
+    #[test]
+    fn history_commands_and_frames() {
+        match parse_ok(r#"{"type":"subscribe","channel":"c","since":{"offset":41,"epoch":"e"}}"#) {
+            Command::Subscribe { since, .. } => assert_eq!(
+                since,
+                Some(crate::history::Since {
+                    offset: 41,
+                    epoch: "e".into()
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"type":"subscribe","channel":"c","since":41,"id":1}"#,
+            r#"{"type":"subscribe","channel":"c","since":{"offset":-1,"epoch":"e"},"id":1}"#,
+            r#"{"type":"subscribe","channel":"c","since":{"offset":1},"id":1}"#,
+            r#"{"type":"history","channel":"c","since":"1","id":1}"#,
+            r#"{"type":"history","channel":"c","limit":1.5,"id":1}"#,
+        ] {
+            let e = parse_err(bad);
+            assert_eq!(
+                (e.code, e.id.unwrap().get()),
+                (ErrorCode::BadRequest, "1"),
+                "{bad}"
+            );
+        }
+        match parse_ok(r#"{"type":"history","channel":"c","since":41,"limit":100,"id":7}"#) {
+            Command::History {
+                since, limit, id, ..
+            } => assert_eq!(
+                (since, limit, id.unwrap().get()),
+                (Some(41), Some(100), "7")
+            ),
+            other => panic!("{other:?}"),
+        }
+        let mut buf = BytesMut::new();
+        write_numbered_message_json(&mut buf, "c", 42, b"{\"a\":1}");
+        assert_eq!(
+            &buf[..],
+            br#"{"type":"message","channel":"c","offset":42,"data":{"a":1}}"#
+        );
+        for off in [0, 1, 9, 10, 99, 100, u64::MAX] {
+            let mut buf = BytesMut::new();
+            write_numbered_message_json(&mut buf, "ch", off, b"1");
+            assert_eq!(
+                buf.len(),
+                numbered_message_json_len("ch", off, b"1"),
+                "{off}"
+            );
+        }
+        let one = raw("1");
+        assert_eq!(
+            subscribed_history("c", Some(&one), "ep", 41, Some(true)),
+            r#"{"type":"subscribed","channel":"c","id":1,"epoch":"ep","offset":41,"recovered":true}"#
+        );
+        assert_eq!(
+            subscribed_history("c", None, "ep", 0, None),
+            r#"{"type":"subscribed","channel":"c","epoch":"ep","offset":0}"#
+        );
+        assert_eq!(
+            reset("c", "e2", 3),
+            r#"{"type":"reset","channel":"c","recovered":false,"epoch":"e2","offset":3}"#
+        );
+        let msgs = vec![
+            (42, bytes::Bytes::from_static(b"1")),
+            (43, bytes::Bytes::from_static(b"\"x\"")),
+        ];
+        assert_eq!(
+            history_reply("c", Some(&one), "e", 43, &msgs),
+            r#"{"type":"history","channel":"c","id":1,"epoch":"e","offset":43,"messages":[{"offset":42,"data":1},{"offset":43,"data":"x"}]}"#
+        );
+        let v: Value = serde_json::from_str(&history_body("c", "e", 43, &msgs)).unwrap();
+        assert_eq!(
+            v,
+            json!({"channel":"c","epoch":"e","offset":43,"messages":[{"offset":42,"data":1},{"offset":43,"data":"x"}]})
+        );
     }
 
     #[test]

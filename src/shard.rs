@@ -235,6 +235,16 @@ pub struct Shard {
     pub users: HashMap<Box<str>, Vec<usize>>,
     /// Channel permissions, resolved from the config for this mode (auth on or off).
     pub policy: crate::auth::namespaces::Policy,
+    /// Embedded mode: the histories of the channels this shard owns.
+    pub history: crate::history::Store,
+    /// Last (epoch, offset) delivered on each history channel this shard serves.
+    pub positions: HashMap<Box<str>, (Arc<str>, u64)>,
+    /// Connections joining a history channel's live stream (see `recovery.rs`).
+    pub holds: HashMap<usize, Vec<crate::recovery::Hold>>,
+    /// History subscribes waiting for the bus to confirm their channel.
+    pub(crate) pending_history: HashMap<Box<str>, Vec<crate::recovery::PendingSubscribe>>,
+    /// Channel-token expiries of history subscribes still reading.
+    pub(crate) pending_channel_exp: HashMap<(usize, Box<str>), u64>,
     /// The shard's own handle, for the few cold-path tasks it spawns (a `connect` waiting for
     /// the JWKS). Set right after construction.
     pub this: std::rc::Weak<RefCell<Shard>>,
@@ -291,6 +301,11 @@ impl Shard {
             publish_limit,
             users: HashMap::new(),
             policy,
+            history: Default::default(),
+            positions: HashMap::new(),
+            holds: HashMap::new(),
+            pending_history: HashMap::new(),
+            pending_channel_exp: HashMap::new(),
             this: std::rc::Weak::new(),
         }
     }
@@ -444,6 +459,12 @@ impl Shard {
         if self.is_registered(key) {
             let id = self.conn_id(key);
             self.tell_registry(RegEvent::Unregister(id));
+        }
+        if !self.holds.is_empty() {
+            self.drop_holds(key, None);
+        }
+        if !self.pending_channel_exp.is_empty() {
+            self.pending_channel_exp.retain(|(k, _), _| *k != key);
         }
         let c = self.conns.remove(key);
         if let Some(session) = &c.session {
@@ -778,7 +799,12 @@ impl Shard {
             Command::Refresh { channel, token, id } => {
                 self.handle_refresh(key, channel.as_deref(), &token, id)
             }
-            Command::Subscribe { channel, token, id } => {
+            Command::Subscribe {
+                channel,
+                token,
+                since,
+                id,
+            } => {
                 let mut channel_exp = None;
                 if !self.policy.is_open() || channel.starts_with('$') || token.is_some() {
                     match self.subscribe_allowed(key, &channel, token.as_deref(), id) {
@@ -786,8 +812,22 @@ impl Shard {
                         Err(()) => return,
                     }
                 }
-                self.subscribe(key, &channel, id, channel_exp);
+                if let Some(opts) = self.policy.history(&channel) {
+                    if let Some(exp) = channel_exp {
+                        self.pending_channel_exp
+                            .insert((key, Box::from(&*channel)), exp);
+                    }
+                    self.subscribe_history(key, &channel, id, since, opts);
+                } else {
+                    self.subscribe(key, &channel, id, channel_exp);
+                }
             }
+            Command::History {
+                channel,
+                since,
+                limit,
+                id,
+            } => self.handle_history(key, &channel, since, limit, id),
             Command::Unsubscribe { channel, id } => {
                 if let crate::topics::Unsubscribed::Removed { last: true } =
                     self.topics.unsubscribe(key, &channel)
@@ -796,6 +836,9 @@ impl Shard {
                 }
                 if let Some(session) = self.conns[key].session.as_mut() {
                     session.channel_exp.retain(|(c, _)| **c != *channel);
+                }
+                if !self.holds.is_empty() {
+                    self.drop_holds(key, Some(&channel));
                 }
                 self.send_text(key, &protocol::ack("unsubscribed", &channel, id));
             }
@@ -812,20 +855,8 @@ impl Shard {
         id: Option<&RawValue>,
         channel_exp: Option<u64>,
     ) {
-        if !self.topics.is_subscribed(key, channel)
-            && self.topics.subscriptions_of(key) >= self.cfg.max_subscriptions
-        {
-            let msg = format!(
-                "a connection may hold at most {} subscriptions",
-                self.cfg.max_subscriptions
-            );
-            self.send_error(key, id, ErrorCode::TooManySubscriptions, &msg);
+        if !self.add_subscription(key, channel, id) {
             return;
-        }
-        if let crate::topics::Subscribed::Added { first: true } =
-            self.topics.subscribe(key, channel)
-        {
-            self.broker.first_subscriber(channel);
         }
         if self.broker.subscription_pending(channel) {
             let c = &mut self.conns[key];
@@ -846,6 +877,55 @@ impl Shard {
             if let Some(session) = self.conns[key].session.as_mut() {
                 session.set_channel_exp(channel, exp);
             }
+        }
+    }
+
+    /// Add `channel` to `key`'s subscriptions (the broker hears of a first subscriber). False
+    /// (error sent) at the subscription limit.
+    pub(crate) fn add_subscription(
+        &mut self,
+        key: usize,
+        channel: &str,
+        id: Option<&RawValue>,
+    ) -> bool {
+        if !self.topics.is_subscribed(key, channel)
+            && self.topics.subscriptions_of(key) >= self.cfg.max_subscriptions
+        {
+            let msg = format!(
+                "a connection may hold at most {} subscriptions",
+                self.cfg.max_subscriptions
+            );
+            self.send_error(key, id, ErrorCode::TooManySubscriptions, &msg);
+            return false;
+        }
+        if let crate::topics::Subscribed::Added { first: true } =
+            self.topics.subscribe(key, channel)
+        {
+            self.broker.first_subscriber(channel);
+        }
+        true
+    }
+
+    /// Queue a shared frame to one subscriber; an overflow marks it for the slow-consumer cut
+    /// (done by [`Shard::flush_slow`]). True when queued.
+    pub(crate) fn queue_or_cut(&mut self, key: usize, frame: Bytes, limit: usize) -> bool {
+        let c = &mut self.conns[key];
+        if c.phase != Phase::Open {
+            return false;
+        }
+        if Self::enqueue(c, key, frame, limit, &mut self.dirty) {
+            true
+        } else {
+            self.slow.push(key);
+            false
+        }
+    }
+
+    /// Wake the flusher and cut the slow consumers found while queueing.
+    pub(crate) fn flush_slow(&mut self) {
+        self.wake_flusher();
+        while let Some(key) = self.slow.pop() {
+            self.close_slow(key);
         }
     }
 
@@ -880,6 +960,9 @@ impl Shard {
                 self.release_ack(channel, ack);
             }
         }
+        if !self.pending_history.is_empty() {
+            self.start_pending_history(Some(channel));
+        }
     }
 
     /// The bus went down: acknowledge every held subscribe now (the subscriptions are kept and
@@ -889,6 +972,9 @@ impl Shard {
             for ack in acks {
                 self.release_ack(&channel, ack);
             }
+        }
+        if !self.pending_history.is_empty() {
+            self.start_pending_history(None);
         }
     }
 
@@ -913,6 +999,11 @@ impl Shard {
         // before this publish arrived is routed (see `MemoryBroker`).
         if !self.inbox.is_empty() {
             self.drain_inbox(usize::MAX);
+        }
+        if let Some(opts) = self.policy.history(channel) {
+            self.publish_history(channel, data, opts)?;
+            self.metrics.messages_published += 1;
+            return Ok(());
         }
         let route = self.broker.publish(channel, data)?;
         self.metrics.messages_published += 1;
@@ -969,6 +1060,22 @@ impl Shard {
             n += 1;
             match msg {
                 ShardMsg::Deliver { channel, data } => self.deliver_local(&channel, &data),
+                ShardMsg::DeliverNumbered {
+                    channel,
+                    data,
+                    offset,
+                    epoch,
+                } => self.deliver_numbered(&channel, &data, offset, &epoch),
+                ShardMsg::HistoryPublish { channel, data } => match self.policy.history(&channel) {
+                    Some(opts) => self.append_history(&channel, data, opts),
+                    None => self.deliver_local(&channel, &data),
+                },
+                ShardMsg::HistoryRead {
+                    channel,
+                    since,
+                    limit,
+                    reply,
+                } => self.serve_history_read(&channel, since, limit, reply),
                 ShardMsg::Interest { from, channel, on } => {
                     self.broker.peer_interest(from, channel, on)
                 }
@@ -1115,6 +1222,7 @@ impl Shard {
         if self.shared.verifier.is_some() {
             self.sweep_auth(now);
         }
+        self.sweep_history();
         while let Some(key) = self.slow.pop() {
             self.close_slow(key);
         }

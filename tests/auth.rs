@@ -68,6 +68,7 @@ fn rules(subscribe: SubscribeRule, publish: Access) -> NamespaceRules {
         subscribe: Some(subscribe),
         publish: Some(publish),
         user_limited: false,
+        ..Default::default()
     }
 }
 
@@ -569,6 +570,7 @@ fn user_limited_channels() {
                 subscribe: Some(SubscribeRule::Authenticated),
                 publish: Some(Access::Subscribers),
                 user_limited: true,
+                ..Default::default()
             },
         );
     });

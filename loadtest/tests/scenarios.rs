@@ -1,22 +1,86 @@
 //! Scenarios run through the library against hubs started in-process on 127.0.0.1:0: the
 //! reports' counts are checked against what was sent (and, with the two halves of a fan-out
-//! on two unconnected instances, that loss is detected rather than assumed away).
+//! on two unconnected instances, that loss is detected rather than assumed away). With auth on
+//! (a hub with `[auth]`), the hub's own metrics confirm that every connection authenticated.
 
+use jsonwebtoken::Algorithm;
+use ringhub::auth::namespaces::{Access, NamespaceRules};
+use ringhub::auth::AuthConfig;
 use ringhub::config::Config;
 use ringhub::server::{self, ServerHandle};
-use ringhub_load::cli::{Command, Common, ConnectArgs, FanoutArgs, RoomsArgs, Traffic};
+use ringhub_load::cli::{
+    Command, Common, ConnectArgs, FanoutArgs, IdleArgs, RoomsArgs, TokenIn, Traffic,
+};
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
-fn hub() -> (ServerHandle, String) {
-    let h = server::start(Config {
+const SECRET: &str = "load-test-secret-0123456789abcdef";
+
+fn config() -> Config {
+    Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 1,
         pin: false,
+        // Closed-loop runs publish faster than the default 1,000/s per connection.
+        max_publish_rate: 0,
         ..Config::default()
-    })
-    .expect("hub starts");
+    }
+}
+
+fn start(cfg: Config) -> (ServerHandle, String) {
+    let h = server::start(cfg).expect("hub starts");
     let url = format!("ws://{}/ws", h.local_addr());
     (h, url)
+}
+
+fn hub() -> (ServerHandle, String) {
+    start(config())
+}
+
+/// A hub with `[auth]` (`auth`) on which authenticated clients may publish (the message
+/// scenarios publish over WebSocket; with auth, clients may not publish by default).
+fn auth_hub(auth: AuthConfig) -> (ServerHandle, String) {
+    let mut cfg = config();
+    cfg.auth = Some(auth);
+    cfg.namespaces.default = NamespaceRules {
+        subscribe: None,
+        publish: Some(Access::Authenticated),
+        user_limited: false,
+        ..Default::default()
+    };
+    start(cfg)
+}
+
+fn hmac_hub() -> (ServerHandle, String) {
+    auth_hub(AuthConfig {
+        secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    })
+}
+
+fn key(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keys")
+        .join(name)
+}
+
+/// `common` with tokens signed by `SECRET`.
+fn with_secret(mut c: Common, secret: &str) -> Common {
+    c.token.token_secret = Some(secret.into());
+    c
+}
+
+/// A counter of the hub's `GET /metrics` (one series, no labels).
+fn metric(h: &ServerHandle, name: &str) -> u64 {
+    let mut s = std::net::TcpStream::connect(h.local_addr()).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
 }
 
 fn common(url: &str, warmup_ms: u64, duration_ms: u64) -> Common {
@@ -181,4 +245,167 @@ fn an_unreachable_url_is_one_clear_error() {
         err.contains(&url) && err.contains("connection refused"),
         "{err}"
     );
+}
+
+#[test]
+fn fanout_with_auth_authenticates_every_connection() {
+    let (h, url) = hmac_hub();
+    let args = FanoutArgs {
+        common: with_secret(common(&url, 300, 700), SECRET),
+        traffic: open_loop(200.0),
+        subscribers: 30,
+        channels: 1,
+        publishers: 1,
+    };
+    let r = ringhub_load::run_scenario(&Command::Fanout(args)).expect("fanout runs");
+    let d = r.deliveries.clone().unwrap();
+    assert_eq!(d.publishes_sent, 200);
+    assert_eq!(d.subscriptions, 30);
+    assert_eq!(d.delivered, 200 * 30, "{}", r.text());
+    assert_eq!((d.lost, d.duplicates, d.reordered), (0, 0, 0));
+    assert_eq!((r.error_count, r.close_count), (0, 0), "{}", r.text());
+    assert!(r.warnings.is_empty(), "{}", r.text());
+    // The hub verified one token per connection: 30 subscribers and the publisher.
+    assert_eq!(metric(&h, "ringhub_auth_successes_total"), 31);
+    assert_eq!(metric(&h, "ringhub_auth_failures_total"), 0);
+    let json = r.to_json();
+    assert_eq!(json["setup"]["auth"]["enabled"], true);
+    assert_eq!(json["setup"]["auth"]["algorithm"], "HS256");
+    assert_eq!(json["setup"]["auth"]["token_in"], "message");
+    assert_eq!(json["setup"]["auth"]["tokens"], 31);
+    assert_eq!(json["auth"]["authenticated"], 31);
+    assert_eq!(json["auth"]["anonymous"], 0);
+    let text = r.text();
+    assert!(text.contains("auth           on: HS256 tokens"), "{text}");
+    assert!(text.contains("authenticated  31 connection(s)"), "{text}");
+    stop(h);
+}
+
+#[test]
+fn rooms_with_tokens_in_the_url() {
+    let (h, url) = hmac_hub();
+    let mut c = with_secret(common(&url, 200, 600), SECRET);
+    c.token.token_in = TokenIn::Query;
+    c.token.token_user_prefix = "member-".into();
+    let args = RoomsArgs {
+        common: c,
+        traffic: Traffic {
+            rate: None,
+            max: true,
+            window: Some(4),
+            payload_size: 64,
+        },
+        rooms: 4,
+        members: 3,
+    };
+    let r = ringhub_load::run_scenario(&Command::Rooms(args)).expect("rooms runs");
+    let d = r.deliveries.clone().unwrap();
+    assert_eq!(d.subscriptions, 12);
+    assert_eq!(d.delivered, d.expected, "{}", r.text());
+    assert_eq!((d.lost, d.unexpected), (0, 0));
+    assert_eq!(r.error_count, 0, "{}", r.text());
+    assert_eq!(metric(&h, "ringhub_auth_successes_total"), 12);
+    assert_eq!(r.to_json()["setup"]["auth"]["token_in"], "query");
+    stop(h);
+}
+
+#[test]
+fn connect_with_an_es256_key_counts_connects_once_connected() {
+    let (h, url) = auth_hub(AuthConfig {
+        public_key_files: vec![key("es256_public.pem")],
+        ..AuthConfig::default()
+    });
+    let mut c = common(&url, 200, 800);
+    c.token.token_key = Some(key("es256_private.pem"));
+    c.token.token_alg = Some(Algorithm::ES256);
+    let args = ConnectArgs {
+        common: c,
+        rate: 100.0,
+        connections: None,
+        keep: false,
+    };
+    let r = ringhub_load::run_scenario(&Command::Connect(args)).expect("connect runs");
+    let json = r.to_json();
+    assert_eq!(json["counts"]["established"], 100, "{}", r.text());
+    assert_eq!(json["counts"]["closed_clean"], 100);
+    assert_eq!(json["counts"]["failed"], 0);
+    assert_eq!(json["auth"]["authenticated"], 100);
+    assert_eq!(json["setup"]["auth"]["algorithm"], "ES256");
+    assert_eq!(json["setup"]["auth"]["key"], "pem");
+    assert!(json["connections_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(r.latency.len(), 80);
+    assert!(r.latency_what.starts_with("connect→connected"));
+    assert_eq!(metric(&h, "ringhub_auth_successes_total"), 100);
+    stop(h);
+}
+
+#[test]
+fn idle_with_auth_holds_authenticated_subscribed_connections() {
+    let (h, url) = hmac_hub();
+    let args = IdleArgs {
+        common: with_secret(common(&url, 100, 300), SECRET),
+        connections: 40,
+        rate: 400.0,
+        subscribe: true,
+    };
+    let r = ringhub_load::run_scenario(&Command::Idle(args)).expect("idle runs");
+    let json = r.to_json();
+    assert_eq!(json["counts"]["established"], 40, "{}", r.text());
+    assert!(
+        r.text().contains(" 40 after the 0.3 s hold"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(json["auth"]["authenticated"], 40);
+    assert_eq!(r.error_count, 0, "{}", r.text());
+    assert_eq!(metric(&h, "ringhub_auth_successes_total"), 40);
+    stop(h);
+}
+
+#[test]
+fn a_wrong_secret_fails_the_run_with_the_hubs_answer() {
+    let (h, url) = hmac_hub();
+    let args = FanoutArgs {
+        common: with_secret(common(&url, 0, 300), "not-the-hubs-secret"),
+        traffic: open_loop(10.0),
+        subscribers: 5,
+        channels: 1,
+        publishers: 1,
+    };
+    let err = ringhub_load::run_scenario(&Command::Fanout(args))
+        .err()
+        .expect("the hub refuses every token");
+    assert!(
+        err.contains("6 of 6 connections failed during setup")
+            && err.contains("auth refused")
+            && err.contains("error unauthorized")
+            && err.contains("close 4001"),
+        "{err}"
+    );
+    assert_eq!(metric(&h, "ringhub_auth_successes_total"), 0);
+    assert_eq!(metric(&h, "ringhub_auth_failures_total"), 6);
+    stop(h);
+}
+
+#[test]
+fn tokens_sent_to_an_open_hub_are_reported_as_not_checked() {
+    let (h, url) = hub();
+    let args = ConnectArgs {
+        common: with_secret(common(&url, 0, 200), SECRET),
+        rate: 100.0,
+        connections: Some(10),
+        keep: false,
+    };
+    let r = ringhub_load::run_scenario(&Command::Connect(args)).expect("connect runs");
+    let json = r.to_json();
+    assert_eq!(json["counts"]["established"], 10, "{}", r.text());
+    assert_eq!(json["auth"]["anonymous"], 10);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("does not check tokens")),
+        "{}",
+        r.text()
+    );
+    stop(h);
 }

@@ -11,6 +11,24 @@
 //! search for `:` and one small hash lookup.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// History settings of a namespace, resolved (see `crate::history::HistoryOptions`; kept as
+/// plain values here because this module imports nothing of ours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// Messages kept per channel (> 0).
+    pub size: usize,
+    /// How long messages are kept. Default 5 min.
+    pub ttl: Duration,
+    /// How long a silent channel's position (epoch, top offset) is remembered. Default 24 h.
+    pub meta_ttl: Duration,
+}
+
+/// Default `history_ttl`.
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
+/// Default `history_meta_ttl`.
+pub const DEFAULT_HISTORY_META_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Who may subscribe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +104,15 @@ pub struct NamespaceRules {
     pub publish: Option<Access>,
     /// `name#17,42` may only be subscribed by users `17` and `42`.
     pub user_limited: bool,
+    /// `history_size`: messages kept per channel; 0 or `None` = no history (the default).
+    pub history_size: Option<usize>,
+    /// `history_ttl`: how long messages are kept (default 5 min).
+    pub history_ttl: Option<Duration>,
+    /// `history_meta_ttl`: how long a silent channel's position is remembered (default 24 h).
+    pub history_meta_ttl: Option<Duration>,
+    /// `history`: who may read history with the client `history` command (default
+    /// `subscribers`; backends always may through `GET /history`).
+    pub history: Option<Access>,
 }
 
 /// The `[channels]` and `[namespaces.*]` tables.
@@ -103,6 +130,10 @@ pub struct Rules {
     pub subscribe: SubscribeRule,
     pub publish: Access,
     pub user_limited: bool,
+    /// `Some` when the namespace keeps history.
+    pub history: Option<History>,
+    /// Who may read history from a client.
+    pub history_access: Access,
 }
 
 impl Rules {
@@ -112,10 +143,20 @@ impl Rules {
         } else {
             (SubscribeRule::Anonymous, Access::Anonymous)
         };
+        let history = match r.history_size {
+            Some(size) if size > 0 => Some(History {
+                size,
+                ttl: r.history_ttl.unwrap_or(DEFAULT_HISTORY_TTL),
+                meta_ttl: r.history_meta_ttl.unwrap_or(DEFAULT_HISTORY_META_TTL),
+            }),
+            _ => None,
+        };
         Rules {
             subscribe: r.subscribe.unwrap_or(sub),
             publish: r.publish.unwrap_or(publish),
             user_limited: r.user_limited,
+            history,
+            history_access: r.history.unwrap_or(Access::Subscribers),
         }
     }
 }
@@ -137,6 +178,8 @@ pub struct Policy {
     /// Namespaces were declared: channels of other namespaces are refused.
     declared: bool,
     open: bool,
+    /// Some namespace keeps history.
+    any_history: bool,
 }
 
 impl Policy {
@@ -150,17 +193,16 @@ impl Policy {
             .collect();
         let open = !auth
             && named.is_empty()
-            && default
-                == Rules {
-                    subscribe: SubscribeRule::Anonymous,
-                    publish: Access::Anonymous,
-                    user_limited: false,
-                };
+            && default.subscribe == SubscribeRule::Anonymous
+            && default.publish == Access::Anonymous
+            && !default.user_limited;
+        let any_history = default.history.is_some() || named.values().any(|r| r.history.is_some());
         Policy {
             default,
             declared: !named.is_empty(),
             named,
             open,
+            any_history,
         }
     }
 
@@ -168,6 +210,20 @@ impl Policy {
     /// the checks entirely, so the feature costs nothing when it is off.
     pub fn is_open(&self) -> bool {
         self.open
+    }
+
+    /// The history settings of `channel`, when its namespace keeps history. Cost when no
+    /// namespace does: one branch.
+    pub fn history(&self, channel: &str) -> Option<History> {
+        if !self.any_history {
+            return None;
+        }
+        self.rules(channel).ok().and_then(|r| r.history)
+    }
+
+    /// Whether any namespace keeps history.
+    pub fn any_history(&self) -> bool {
+        self.any_history
     }
 
     /// The rules of `channel`'s namespace.
@@ -286,8 +342,28 @@ mod tests {
         NamespaceRules {
             subscribe: Some(sub),
             publish: Some(publish),
-            user_limited: false,
+            ..NamespaceRules::default()
         }
+    }
+
+    #[test]
+    fn history_settings() {
+        let mut h = rules(SubscribeRule::Anonymous, Access::Anonymous);
+        h.history_size = Some(100);
+        let mut off = h.clone();
+        off.history_size = Some(0);
+        let p = Policy::new(
+            &ns(NamespaceRules::default(), &[("h", h), ("off", off)]),
+            false,
+        );
+        assert!(p.any_history());
+        let got = p.history("h:1").unwrap();
+        assert_eq!(got.size, 100);
+        assert_eq!(got.ttl, DEFAULT_HISTORY_TTL);
+        assert_eq!(p.history("off:1"), None);
+        assert_eq!(p.history("nope:1"), None);
+        assert_eq!(p.rules("h:1").unwrap().history_access, Access::Subscribers);
+        assert!(!Policy::new(&Namespaces::default(), false).any_history());
     }
 
     #[test]

@@ -247,6 +247,7 @@ impl Settings {
             quote(&format_size(c.max_message_size)),
         );
         kv(w, "max_subscriptions", c.max_subscriptions.to_string());
+        kv(w, "max_recovery", c.max_recovery.to_string());
         kv(w, "max_publish_rate", c.max_publish_rate.to_string());
         match c.publish_burst {
             Some(b) => kv(w, "publish_burst", b.to_string()),
@@ -453,6 +454,23 @@ fn render_rules(w: &mut String, r: &NamespaceRules, resolved: Option<&Rules>) {
         ),
     }
     kv(w, "user_limited", r.user_limited.to_string());
+    kv(w, "history_size", r.history_size.unwrap_or(0).to_string());
+    let (ttl, meta_ttl) = match res.history {
+        Some(h) => (h.ttl, h.meta_ttl),
+        None => (
+            r.history_ttl
+                .unwrap_or(crate::auth::namespaces::DEFAULT_HISTORY_TTL),
+            r.history_meta_ttl
+                .unwrap_or(crate::auth::namespaces::DEFAULT_HISTORY_META_TTL),
+        ),
+    };
+    kv(w, "history_ttl", quote(&super::format_duration(ttl)));
+    kv(
+        w,
+        "history_meta_ttl",
+        quote(&super::format_duration(meta_ttl)),
+    );
+    kv(w, "history", quote(res.history_access.as_str()));
 }
 
 /// A key as written in a dotted path: bare when it can be, quoted otherwise.
@@ -571,6 +589,7 @@ struct TopTable {
     max_queued_bytes: Option<Size>,
     max_message_size: Option<Size>,
     max_subscriptions: Option<usize>,
+    max_recovery: Option<usize>,
     max_publish_rate: Option<u32>,
     publish_burst: Option<u32>,
     ping_interval: Option<Dur>,
@@ -615,6 +634,7 @@ impl TopTable {
             max_queued_bytes,
             max_message_size,
             max_subscriptions,
+            max_recovery,
             max_publish_rate,
             publish_burst,
             ping_interval,
@@ -648,6 +668,7 @@ impl TopTable {
         put(&mut c.max_queued_bytes, max_queued_bytes.map(|v| v.0));
         put(&mut c.max_message_size, max_message_size.map(|v| v.0));
         put(&mut c.max_subscriptions, max_subscriptions);
+        put(&mut c.max_recovery, max_recovery);
         put(&mut c.max_publish_rate, max_publish_rate);
         put(&mut c.publish_burst, publish_burst.map(Some));
         put(&mut c.ping_interval, ping_interval.map(|v| v.0));
@@ -800,6 +821,10 @@ struct RulesTable {
     subscribe: Option<Subscribe>,
     publish: Option<Publish>,
     user_limited: Option<bool>,
+    history_size: Option<usize>,
+    history_ttl: Option<Dur>,
+    history_meta_ttl: Option<Dur>,
+    history: Option<Publish>,
 }
 
 impl RulesTable {
@@ -808,11 +833,19 @@ impl RulesTable {
             subscribe,
             publish,
             user_limited,
+            history_size,
+            history_ttl,
+            history_meta_ttl,
+            history,
         } = self;
         NamespaceRules {
             subscribe: subscribe.map(|v| v.0),
             publish: publish.map(|v| v.0),
             user_limited: user_limited.unwrap_or(false),
+            history_size,
+            history_ttl: history_ttl.map(|d| d.0),
+            history_meta_ttl: history_meta_ttl.map(|d| d.0),
+            history: history.map(|v| v.0),
         }
     }
 }
@@ -1257,6 +1290,7 @@ user_limited = true
                 subscribe: Some(SubscribeRule::Anonymous),
                 publish: Some(Access::Subscribers),
                 user_limited: true,
+                ..Default::default()
             }
         );
         assert_eq!(
@@ -1265,6 +1299,7 @@ user_limited = true
                 subscribe: Some(SubscribeRule::Authenticated),
                 publish: Some(Access::Anonymous),
                 user_limited: false,
+                ..Default::default()
             }
         );
         assert_eq!(
@@ -1273,6 +1308,7 @@ user_limited = true
                 subscribe: Some(SubscribeRule::None),
                 publish: Some(Access::None),
                 user_limited: true,
+                ..Default::default()
             }
         );
         // The hub takes one HMAC secret source (FULL sets all three to test each key).

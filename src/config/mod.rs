@@ -99,6 +99,10 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Channel rules: `[channels]` (default namespace) and `[namespaces.NAME]`.
     pub namespaces: Namespaces,
+    /// A subscribe with `since` that misses more than this many messages is answered
+    /// `recovered: false` (the client reloads instead). Default 1000: a few seconds of a busy
+    /// channel, while one recovery cannot make a shard read and send an unbounded backlog.
+    pub max_recovery: usize,
 }
 
 /// Where and how to reach Redis (`--redis redis://[:password@]host:port[/db]`).
@@ -222,6 +226,7 @@ impl Default for Config {
             auth: None,
             allowed_origins: Vec::new(),
             namespaces: Namespaces::default(),
+            max_recovery: 1000,
         }
     }
 }
