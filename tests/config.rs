@@ -75,6 +75,7 @@ const EVERY_KEY: &[(&str, &str)] = &[
     ("max_queued_bytes = \"2MiB\"", "max_queued_bytes = \"2MiB\""),
     ("max_message_size = 4096", "max_message_size = \"4KiB\""),
     ("max_subscriptions = 7", "max_subscriptions = 7"),
+    ("max_recovery = 8", "max_recovery = 8"),
     ("max_publish_rate = 9", "max_publish_rate = 9"),
     ("publish_burst = 11", "publish_burst = 11"),
     ("ping_interval = \"13s\"", "ping_interval = \"13s\""),
@@ -149,6 +150,10 @@ const EVERY_KEY: &[(&str, &str)] = &[
     ("[namespaces.chat]", "[namespaces.chat]"),
     ("subscribe = \"token\"", "subscribe = \"token\""),
     ("publish = \"authenticated\"", "publish = \"authenticated\""),
+    ("history_size = 500", "history_size = 500"),
+    ("history_ttl = \"10m\"", "history_ttl = \"10m\""),
+    ("history_meta_ttl = \"2h\"", "history_meta_ttl = \"2h\""),
+    ("history = \"authenticated\"", "history = \"authenticated\""),
     ("[namespaces.\"dm.v2\"]", "[namespaces.\"dm.v2\"]"),
     ("subscribe = \"none\"", "subscribe = \"none\""),
     ("publish = \"anonymous\"", "publish = \"anonymous\""),
@@ -320,6 +325,14 @@ fn errors_name_the_key_and_the_line() {
         (
             "shards = 2\nmax_subscriptions = \"lots\"\n",
             "line 2: max_subscriptions: invalid type: string \"lots\"",
+        ),
+        (
+            "[namespaces.chat]\nhistory_size = 10\nhistory_ttl = \"soon\"\n",
+            "line 3: namespaces.chat.history_ttl: invalid duration \"soon\"",
+        ),
+        (
+            "[channels]\nhistory_size = -1\n",
+            "line 2: channels.history_size:",
         ),
         (
             "# comment\n\n\n\n\n[auth]\nleeway = \"5 parsecs\"\nsecret = \"x\"\n",
