@@ -60,3 +60,8 @@ fn protocol_corpus() {
 fn http_head_corpus() {
     replay("http_head", fuzz_harness::http_head);
 }
+
+#[test]
+fn token_corpus() {
+    replay("token", fuzz_harness::token);
+}

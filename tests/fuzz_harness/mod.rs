@@ -13,11 +13,17 @@
 //!   `payload_to_json`: every output is valid JSON carrying the expected fields.
 //! - [`http_head`]: `parse_head` over growing prefixes (monotonic, consistent with the whole
 //!   input), `accept_upgrade` and the response builders (no header injection).
+//! - [`token`]: JWT `inspect`, the claim checks and `Verifier::verify_*` (HMAC) over raw tokens
+//!   and over arbitrary payloads signed by the harness; verification agrees with the checks.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 
 use bytes::BytesMut;
+use ringhub::auth::token::{
+    self, Algorithm, ChannelClaims, ClaimRules, ConnectionClaims, MintKey, TokenError, Verifier,
+};
+use ringhub::auth::AuthConfig;
 use ringhub::codec::{self, Decoder, Message, OpCode, ProtocolError};
 use ringhub::http::{self, HttpLimits, RequestHead};
 use ringhub::protocol::{self, Command, CommandError, ErrorCode};
@@ -692,6 +698,14 @@ fn check_command(cmd: &Command<'_>) {
             assert_eq!(cmd.channel(), None);
             return;
         }
+        // The commands without an ack of their own (connect, refresh, history, …; the list
+        // grows with the protocol): a channel, when they name one, is valid.
+        _ => {
+            if let Some(channel) = cmd.channel() {
+                assert!(protocol::is_valid_channel(channel), "{channel:?}");
+            }
+            return;
+        }
     };
     let channel = cmd.channel().expect("command with a channel");
     assert!(protocol::is_valid_channel(channel), "{channel:?}");
@@ -887,4 +901,232 @@ fn check_response(out: &[u8], headers: usize, body_len: usize) {
     }
     assert!(out.starts_with(b"HTTP/1.1 "));
     assert_eq!(out.len() - end - 4, body_len, "body length");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens (JWT)
+// ---------------------------------------------------------------------------------------------
+
+/// The clock of every token check (the seeds' `exp`/`nbf`/`iat` are around it).
+pub const TOKEN_NOW: u64 = 1_700_000_000;
+/// The HMAC secrets of the token harness (the seeds are signed with them).
+pub const TOKEN_SECRET: &str = "fuzz-secret-0123456789abcdef-0123";
+pub const TOKEN_PREVIOUS_SECRET: &str = "fuzz-previous-secret";
+
+/// One HMAC verifier per rule set: mode bits 1..=3 (tiny size limit, audience and issuer
+/// required, `exp` optional).
+fn token_verifier(mode: u8) -> &'static (Verifier, AuthConfig) {
+    static VERIFIERS: std::sync::OnceLock<Vec<(Verifier, AuthConfig)>> = std::sync::OnceLock::new();
+    let all = VERIFIERS.get_or_init(|| {
+        (0..8u8)
+            .map(|bits| {
+                let cfg = AuthConfig {
+                    secret: Some(TOKEN_SECRET.into()),
+                    previous_secret: Some(TOKEN_PREVIOUS_SECRET.into()),
+                    max_token_size: if bits & 1 != 0 { 256 } else { 8 << 10 },
+                    audience: if bits & 2 != 0 {
+                        vec!["hub".into(), "hub2".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    issuer: (bits & 2 != 0).then(|| "issuer".into()),
+                    require_exp: bits & 4 == 0,
+                    ..AuthConfig::default()
+                };
+                (Verifier::new(&cfg).expect("harness verifier"), cfg)
+            })
+            .collect()
+    });
+    &all[usize::from((mode >> 1) & 7)]
+}
+
+/// Input layout: `[mode, rest..]`. Mode bit 0: `rest` is a token (0), or a payload the harness
+/// signs (1) so that the claim checks run behind a valid signature; bits 1..=3: the verifier's
+/// rules (see `token_verifier`); bits 4..=5 (signed mode): HS256, HS384, HS512, or HS256 with
+/// a wrong secret; bit 6 (signed mode): sign with the previous secret; bit 7 (signed mode):
+/// put a `kid` in the header.
+///
+/// Checks: `verify_*` agrees with `inspect` + `check_*_claims` (the same error at the same
+/// step, the same claims); accepted claims obey the rules (no `channel` in a connection
+/// token, `exp` in time, `info` ≤ 1 KiB and an object, ≤ 1000 channels, …); an HMAC-only
+/// verifier never answers `NoKey`/`UnknownKid`; error messages stay short (no token echo).
+pub fn token(data: &[u8]) {
+    let [mode, rest @ ..] = data else {
+        return;
+    };
+    let (verifier, cfg) = token_verifier(*mode);
+    let signed = mode & 1 != 0;
+    let mut wrong_secret = false;
+    let token = if signed {
+        let (secret, alg) = match (mode >> 4) & 3 {
+            0 => (TOKEN_SECRET, Algorithm::HS256),
+            1 => (TOKEN_SECRET, Algorithm::HS384),
+            2 => (TOKEN_SECRET, Algorithm::HS512),
+            _ => {
+                wrong_secret = true;
+                ("not-the-secret", Algorithm::HS256)
+            }
+        };
+        let secret = if mode & 0x40 != 0 && !wrong_secret {
+            TOKEN_PREVIOUS_SECRET
+        } else {
+            secret
+        };
+        let key = MintKey::Hmac {
+            secret: secret.as_bytes().to_vec(),
+            alg,
+        };
+        let kid = (mode & 0x80 != 0).then_some("some-kid");
+        token::mint_raw(&key, rest, kid).expect("HMAC signing cannot fail")
+    } else {
+        String::from_utf8_lossy(rest).into_owned()
+    };
+
+    let rules = verifier.rules();
+    assert_eq!(rules, &ClaimRules::from_config(cfg));
+    let inspected = token::inspect(&token, cfg.max_token_size);
+    if inspected.is_ok() {
+        assert!(token.len() <= cfg.max_token_size);
+    }
+    if signed && token.len() <= cfg.max_token_size {
+        // Our own header is always fine; the payload decides.
+        let is_object =
+            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(rest).is_ok();
+        assert_eq!(inspected.is_ok(), is_object, "{inspected:?}");
+    }
+
+    // What verification must say: inspect's error, or the claim checks' verdict once the
+    // signature is known to be good (signed mode with the right secret); with a token of
+    // unknown origin, only that an accepted token passes the same claim checks.
+    let connection = verifier.verify_connection(&token, TOKEN_NOW);
+    let channel = verifier.verify_channel(&token, TOKEN_NOW);
+    for err in [connection.as_ref().err(), channel.as_ref().err()]
+        .into_iter()
+        .flatten()
+    {
+        assert!(
+            !matches!(err, TokenError::NoKey | TokenError::UnknownKid(_)),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.len() <= 160, "long error message: {text}");
+    }
+    match &inspected {
+        Err(e) => {
+            assert_eq!(connection.as_ref().unwrap_err(), e);
+            assert_eq!(channel.as_ref().unwrap_err(), e);
+        }
+        Ok((header, claims)) => {
+            let want_connection = token::check_connection_claims(claims, rules, TOKEN_NOW);
+            let want_channel = token::check_channel_claims(claims, rules, TOKEN_NOW);
+            if let Ok(c) = &want_connection {
+                check_connection_claims(c, claims, rules);
+            }
+            if let Ok(c) = &want_channel {
+                check_channel_claims(c, claims, rules);
+            }
+            let hmac = matches!(
+                header.alg,
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+            );
+            if !hmac {
+                let name = token::algorithm_name(header.alg).to_string();
+                assert_eq!(
+                    connection.as_ref().unwrap_err(),
+                    &TokenError::Algorithm(name)
+                );
+            } else if signed && !wrong_secret {
+                assert_eq!(format!("{connection:?}"), format!("{want_connection:?}"));
+                assert_eq!(format!("{channel:?}"), format!("{want_channel:?}"));
+            } else if signed {
+                assert_eq!(connection.as_ref().unwrap_err(), &TokenError::BadSignature);
+                assert_eq!(channel.as_ref().unwrap_err(), &TokenError::BadSignature);
+            } else {
+                // A token from the input: accepted only if the claim checks accept it too.
+                if connection.is_ok() {
+                    assert_eq!(format!("{connection:?}"), format!("{want_connection:?}"));
+                }
+                if channel.is_ok() {
+                    assert_eq!(format!("{channel:?}"), format!("{want_channel:?}"));
+                }
+            }
+        }
+    }
+}
+
+fn check_connection_claims(
+    c: &ConnectionClaims,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    rules: &ClaimRules,
+) {
+    assert!(!claims.contains_key("channel"));
+    assert_eq!(
+        claims.get("sub").and_then(|s| s.as_str()),
+        Some(c.user.as_str())
+    );
+    check_times(c.exp, claims, rules);
+    if rules.require_exp {
+        assert!(c.exp.is_some());
+    }
+    if let Some(info) = &c.info {
+        assert!(info.get().len() <= token::MAX_INFO_BYTES);
+        let value: serde_json::Value = serde_json::from_str(info.get()).expect("info is JSON");
+        assert!(value.is_object());
+        assert_eq!(Some(&value), claims.get("info"));
+    }
+    assert!(c.channels.len() <= token::MAX_CHANNELS);
+}
+
+fn check_channel_claims(
+    c: &ChannelClaims,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    rules: &ClaimRules,
+) {
+    assert!(!c.channel.is_empty());
+    assert_eq!(
+        claims.get("channel").and_then(|s| s.as_str()),
+        Some(c.channel.as_str())
+    );
+    assert_eq!(
+        claims.get("sub").and_then(|s| s.as_str()),
+        Some(c.user.as_str())
+    );
+    check_times(Some(c.exp), claims, rules);
+}
+
+/// Accepted time claims are numbers, in time with the leeway; audience and issuer match.
+fn check_times(
+    exp: Option<u64>,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    rules: &ClaimRules,
+) {
+    for name in ["exp", "nbf", "iat"] {
+        if let Some(v) = claims.get(name) {
+            assert!(v.as_f64().is_some_and(|f| f >= 0.0), "{name}: {v}");
+        }
+    }
+    if let Some(exp) = exp {
+        assert!(
+            exp.saturating_add(rules.leeway) >= TOKEN_NOW,
+            "expired token accepted"
+        );
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(|v| v.as_f64()) {
+        assert!(nbf - rules.leeway as f64 <= TOKEN_NOW as f64);
+    }
+    if !rules.audience.is_empty() {
+        let aud = claims.get("aud").expect("aud required");
+        let names: Vec<&str> = match aud {
+            serde_json::Value::String(s) => vec![s.as_str()],
+            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
+            other => panic!("aud {other}"),
+        };
+        assert!(names.iter().any(|n| rules.audience.iter().any(|a| a == n)));
+    }
+    if let Some(iss) = &rules.issuer {
+        assert_eq!(
+            claims.get("iss").and_then(|v| v.as_str()),
+            Some(iss.as_str())
+        );
+    }
 }
