@@ -10,7 +10,7 @@ set -euo pipefail
 
 seconds="${1:-600}"
 fuzz_dir="$(cd "$(dirname "$0")" && pwd)"
-targets=(ws_frames resp protocol http_head)
+targets=(ws_frames resp protocol http_head token)
 logs="$(mktemp -d)"
 export RUSTC_BOOTSTRAP=1
 
