@@ -2,6 +2,7 @@
 //! which build the same structs to run a scenario through the library.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use jsonwebtoken::Algorithm;
 use ringhub::config::{parse_cpu_list, parse_duration, parse_size};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -24,7 +25,8 @@ pub enum Command {
     Fanout(FanoutArgs),
     /// Chat rooms: many channels with a few members each, every member publishing.
     Rooms(RoomsArgs),
-    /// Connection setup: open connections at a fixed rate; connect→welcome time, failures.
+    /// Connection setup: open connections at a fixed rate; connect→welcome time (→connected
+    /// with a token), failures.
     Connect(ConnectArgs),
     /// Many idle connections: failures and memory per connection (hub and load generator).
     Idle(IdleArgs),
@@ -82,6 +84,8 @@ pub struct Common {
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub token: TokenArgs,
 }
 
 impl Common {
@@ -101,6 +105,7 @@ impl Common {
             json: None,
             epoll: false,
             quiet: false,
+            token: TokenArgs::default(),
         }
     }
 
@@ -108,6 +113,113 @@ impl Common {
     pub fn uring(&self) -> bool {
         !self.epoll && monoio::utils::detect_uring()
     }
+}
+
+/// The help section of the token flags.
+const AUTH_HEADING: &str = "Authentication (hubs with [auth])";
+
+/// Connection tokens, for hubs with `[auth]`: with `--token-secret` or `--token-key` every
+/// connection authenticates with a token of its own, minted before the timed part of the run
+/// ([`crate::auth`]). Without either, connections do not authenticate (open-mode hubs, peers).
+#[derive(Args, Clone)]
+pub struct TokenArgs {
+    /// HMAC secret to sign the connection tokens with (HS256 unless --token-alg says otherwise).
+    #[arg(
+        long,
+        help_heading = AUTH_HEADING,
+        env = "RINGHUB_LOAD_TOKEN_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub token_secret: Option<String>,
+    /// PEM private key (RSA, EC P-256/P-384 or Ed25519) to sign the tokens with; needs
+    /// --token-alg.
+    #[arg(long, help_heading = AUTH_HEADING, value_name = "FILE.pem")]
+    pub token_key: Option<PathBuf>,
+    /// Signing algorithm: HS256, HS384, HS512 with a secret [default: HS256]; RS256, RS384,
+    /// RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA with a key (required).
+    #[arg(long, help_heading = AUTH_HEADING, value_parser = parse_alg, value_name = "ALG")]
+    pub token_alg: Option<Algorithm>,
+    /// Lifetime of each token: `exp` = the time it was minted + this.
+    #[arg(long, help_heading = AUTH_HEADING, default_value = "1h", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+    /// Where each connection presents its token: in a `connect` message after the welcome, or
+    /// as `?token=` in the upgrade URL.
+    #[arg(long, help_heading = AUTH_HEADING, value_enum, default_value_t = TokenIn::Message)]
+    pub token_in: TokenIn,
+    /// Connection n (0, 1, …) authenticates as user `<prefix><n>` (the token's `sub`).
+    #[arg(long, help_heading = AUTH_HEADING, default_value = "load-", value_name = "PREFIX")]
+    pub token_user_prefix: String,
+    /// `aud` claim of the tokens.
+    #[arg(long, help_heading = AUTH_HEADING, value_name = "AUD")]
+    pub token_aud: Option<String>,
+    /// `iss` claim of the tokens.
+    #[arg(long, help_heading = AUTH_HEADING, value_name = "ISS")]
+    pub token_iss: Option<String>,
+}
+
+impl Default for TokenArgs {
+    /// No token (auth off); the other fields at their flags' defaults.
+    fn default() -> Self {
+        TokenArgs {
+            token_secret: None,
+            token_key: None,
+            token_alg: None,
+            token_ttl: Duration::from_secs(3600),
+            token_in: TokenIn::Message,
+            token_user_prefix: "load-".into(),
+            token_aud: None,
+            token_iss: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenArgs")
+            .field(
+                "token_secret",
+                &self.token_secret.as_ref().map(|_| "<hidden>"),
+            )
+            .field("token_key", &self.token_key)
+            .field("token_alg", &self.token_alg)
+            .field("token_ttl", &self.token_ttl)
+            .field("token_in", &self.token_in)
+            .field("token_user_prefix", &self.token_user_prefix)
+            .field("token_aud", &self.token_aud)
+            .field("token_iss", &self.token_iss)
+            .finish()
+    }
+}
+
+/// Where a connection presents its token.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenIn {
+    /// `{"type":"connect","token":…,"id":0}` after the welcome; the hub answers `connected`.
+    Message,
+    /// `/ws?token=…` in the upgrade request; the hub sends `connected` right after the welcome.
+    Query,
+}
+
+impl TokenIn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenIn::Message => "message",
+            TokenIn::Query => "query",
+        }
+    }
+}
+
+/// A JWT algorithm name (`HS256`, `RS256`, `ES256`, `EdDSA`, …; case-insensitive).
+pub fn parse_alg(s: &str) -> Result<Algorithm, String> {
+    let name = s.trim().to_ascii_uppercase();
+    let name = if name == "EDDSA" { "EdDSA" } else { &name };
+    name.parse().map_err(|_| {
+        format!(
+            "unknown algorithm {s:?}: expected HS256, HS384, HS512, RS256, RS384, RS512, PS256, \
+             PS384, PS512, ES256, ES384 or EdDSA"
+        )
+    })
 }
 
 /// How publishers pace themselves (fanout and rooms).
@@ -173,7 +285,7 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub connections: Option<usize>,
     /// Keep every connection open until the end (default: close each, with a close
-    /// handshake, right after its welcome).
+    /// handshake, right after its welcome, or its `connected` with a token).
     #[arg(long)]
     pub keep: bool,
 }
@@ -286,6 +398,50 @@ mod tests {
         };
         assert_eq!(a.common.urls.len(), 3);
         assert!(a.common.publish_urls.is_empty());
+    }
+
+    #[test]
+    fn token_flags_on_every_load_scenario() {
+        for scenario in [
+            &["fanout", "--rate", "1"][..],
+            &["rooms", "--max"],
+            &["connect"],
+            &["idle"],
+        ] {
+            let cli = Cli::try_parse_from(["ringhub-load"].iter().chain(scenario).chain(&[
+                "--token-key",
+                "k.pem",
+                "--token-alg",
+                "es256",
+                "--token-in",
+                "query",
+                "--token-ttl",
+                "10m",
+                "--token-aud",
+                "hub",
+            ]))
+            .unwrap();
+            let t = match cli.command {
+                Command::Fanout(a) => a.common.token,
+                Command::Rooms(a) => a.common.token,
+                Command::Connect(a) => a.common.token,
+                Command::Idle(a) => a.common.token,
+                Command::Compare(_) => unreachable!(),
+            };
+            assert_eq!(t.token_alg, Some(Algorithm::ES256));
+            assert_eq!(t.token_in, TokenIn::Query);
+            assert_eq!(t.token_ttl, Duration::from_secs(600));
+            assert_eq!(t.token_aud.as_deref(), Some("hub"));
+            assert_eq!(t.token_user_prefix, "load-");
+        }
+        assert_eq!(parse_alg("EdDSA"), Ok(Algorithm::EdDSA));
+        assert_eq!(parse_alg("hs512"), Ok(Algorithm::HS512));
+        assert!(parse_alg("none").is_err());
+        let hidden = TokenArgs {
+            token_secret: Some("hunter2".into()),
+            ..TokenArgs::default()
+        };
+        assert!(!format!("{hidden:?}").contains("hunter2"));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! A lean monoio WebSocket client connection for load generation.
 //!
 //! [`open`] connects (optionally from a chosen source address), sends the upgrade request,
-//! checks for `101`, and reads the hub's welcome. The connection is then split into a
-//! [`Reader`] — one owned buffer that is read into at its spare end and from which complete
+//! checks for `101`, reads the hub's welcome and, with a token ([`Login`]), waits for the hub's
+//! `connected`: a connection counts as established only once the hub accepted its token. The
+//! connection is then split into a [`Reader`] — one owned buffer that is read into at its spare end and from which complete
 //! frames are split off in place (no per-frame allocation in steady state) — and a [`Writer`]
 //! that encodes masked frames into one reused buffer and writes it with `write_all`.
 //! Every failure becomes a [`ConnError`] whose message tells the user what to do.
@@ -86,6 +87,23 @@ impl Target {
     }
 }
 
+/// Longest wait for `connected` after the welcome (the hub answers at once, or after one JWKS
+/// refetch).
+const CONNECTED_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the close that follows a refused token (for its close code).
+const REFUSED_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How a connection authenticates (hubs with `[auth]`; [`crate::auth`] mints the tokens).
+#[derive(Clone, Copy, Debug)]
+pub enum Login<'a> {
+    /// No token: the welcome ends the handshake (open-mode hubs, peers).
+    None,
+    /// `{"type":"connect","token":…,"id":0}` after the welcome, then wait for `connected`.
+    Message(&'a str),
+    /// `?token=…` in the upgrade URL; the hub sends `connected` right after the welcome.
+    Query(&'a str),
+}
+
 /// Why a connection failed or ended. [`ConnError::kind`] groups them for the reports.
 #[derive(Debug)]
 pub enum ConnError {
@@ -101,6 +119,13 @@ pub enum ConnError {
     Handshake(String),
     /// The server closed the connection: its close code, None without a close frame.
     Closed(Option<u16>),
+    /// The hub refused the token: the `code` and `message` of its error frame (None without
+    /// one) and the close code that followed (4001 unauthorized, 4002 expired, …).
+    Auth {
+        code: Option<String>,
+        message: Option<String>,
+        close: Option<u16>,
+    },
     Protocol(String),
     Io(&'static str, io::Error),
 }
@@ -116,6 +141,7 @@ impl ConnError {
             ConnError::Rejected(_) => "upgrade refused (HTTP status)",
             ConnError::Handshake(_) => "handshake failed",
             ConnError::Closed(_) => "closed by server",
+            ConnError::Auth { .. } => "auth refused",
             ConnError::Protocol(_) => "protocol error",
             ConnError::Io(..) => "i/o error",
         }
@@ -174,6 +200,27 @@ impl fmt::Display for ConnError {
             ConnError::Handshake(s) => write!(f, "WebSocket handshake failed: {s}"),
             ConnError::Closed(Some(c)) => write!(f, "closed by server with code {c}"),
             ConnError::Closed(None) => write!(f, "closed by server (no close frame)"),
+            ConnError::Auth {
+                code,
+                message,
+                close,
+            } => {
+                write!(f, "the hub refused the token: ")?;
+                match (code, message) {
+                    (Some(c), Some(m)) => write!(f, "error {c} ({m})")?,
+                    (Some(c), None) => write!(f, "error {c}")?,
+                    (None, _) => write!(f, "no error frame")?,
+                }
+                match close {
+                    Some(c) => write!(f, ", close {c} ({})", crate::stats::close_meaning(*c))?,
+                    None => write!(f, ", no close code")?,
+                }
+                write!(
+                    f,
+                    "; check --token-secret/--token-key, --token-alg, --token-aud and \
+                     --token-iss against the hub's [auth]"
+                )
+            }
             ConnError::Protocol(s) => write!(f, "protocol error: {s}"),
             ConnError::Io(op, e) => write!(f, "{op}: {e}"),
         }
@@ -294,6 +341,9 @@ pub struct Conn {
     pub writer: Writer,
     /// The socket (for [`crate::worker::Live`]: shut down at the end of a run).
     pub fd: RawFd,
+    /// The hub answered `connected` with an empty user: it did not check the token (a hub
+    /// without `[auth]` accepts any `connect` as anonymous).
+    pub anonymous: bool,
 }
 
 impl Conn {
@@ -310,19 +360,28 @@ impl Conn {
     }
 }
 
-/// Connect, upgrade and read the welcome. `chunk` is the read buffer size (small for idle
-/// connections: a pending read pins its buffer). `seed` varies the frame masks.
+/// Connect, upgrade, read the welcome and authenticate with `login`'s token (waiting for
+/// `connected`). `chunk` is the read buffer size (small for idle connections: a pending read
+/// pins its buffer). `seed` varies the frame masks.
 pub async fn open(
     target: &Target,
     src: Option<IpAddr>,
     uring: bool,
     chunk: usize,
     seed: u32,
+    login: Login<'_>,
 ) -> Result<Conn, ConnError> {
     let mut stream = connect(target.addr, src, uring).await?;
     let fd = stream.as_raw_fd();
+    let query = match login {
+        Login::Query(token) => {
+            let sep = if target.path.contains('?') { '&' } else { '?' };
+            format!("{sep}token={token}")
+        }
+        _ => String::new(),
+    };
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {}{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
         target.path, target.host
     );
@@ -369,6 +428,7 @@ pub async fn open(
             mask: seed | 1,
         },
         fd,
+        anonymous: false,
     };
     let (op, welcome) = conn.reader.next_frame().await?;
     if op != TEXT || !is_type(&welcome, "welcome") {
@@ -377,7 +437,77 @@ pub async fn open(
             "expected a welcome, got {got:?}"
         )));
     }
+    match login {
+        Login::None => return Ok(conn),
+        Login::Message(token) => {
+            let cmd = format!(r#"{{"type":"connect","token":"{token}","id":0}}"#);
+            conn.writer.send(TEXT, cmd.as_bytes()).await?;
+        }
+        Login::Query(_) => {}
+    }
+    let waited = monoio::time::timeout(CONNECTED_TIMEOUT, await_connected(&mut conn)).await;
+    conn.anonymous = waited.unwrap_or_else(|_| {
+        let why = match login {
+            Login::Query(_) => "a hub without [auth] ignores ?token=: use --token-in message",
+            _ => "the server does not answer `connect`: it does not speak ringhub's auth",
+        };
+        Err(ConnError::Handshake(format!(
+            "no `connected` within {} s of the welcome ({why})",
+            CONNECTED_TIMEOUT.as_secs()
+        )))
+    })?;
     Ok(conn)
+}
+
+/// Read until the hub's `connected` (answering pings); true when its user is empty. An error
+/// frame or a 4xxx close before it is [`ConnError::Auth`].
+async fn await_connected(conn: &mut Conn) -> Result<bool, ConnError> {
+    loop {
+        match conn.reader.next_frame().await {
+            Ok((TEXT, t)) if is_type(&t, "connected") => {
+                return Ok(find(&t, br#""user":"""#).is_some())
+            }
+            Ok((TEXT, t)) if is_type(&t, "error") => return Err(refused(conn, &t).await),
+            Ok((TEXT, t)) => {
+                let got = String::from_utf8_lossy(&t[..t.len().min(120)]).into_owned();
+                return Err(ConnError::Handshake(format!(
+                    "expected `connected` after the token, got {got:?}"
+                )));
+            }
+            Ok((PING, p)) => conn.writer.send(PONG, &p).await?,
+            Ok(_) => {}
+            Err(ConnError::Closed(Some(c))) if (4000..5000).contains(&c) => {
+                return Err(ConnError::Auth {
+                    code: None,
+                    message: None,
+                    close: Some(c),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The hub's error frame `text` in answer to a token, and the close code that follows it.
+async fn refused(conn: &mut Conn, text: &[u8]) -> ConnError {
+    let v: serde_json::Value = serde_json::from_slice(text).unwrap_or_default();
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+    let close = async {
+        loop {
+            match conn.reader.next_frame().await {
+                Ok(_) => {}
+                Err(ConnError::Closed(code)) => return code,
+                Err(_) => return None,
+            }
+        }
+    };
+    ConnError::Auth {
+        code: field("code"),
+        message: field("message"),
+        close: monoio::time::timeout(REFUSED_CLOSE_TIMEOUT, close)
+            .await
+            .unwrap_or(None),
+    }
 }
 
 /// The receiving half: frames are parsed in place from one owned buffer.

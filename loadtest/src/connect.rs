@@ -7,7 +7,13 @@
 //! for the welcome, optionally subscribes to a channel of its own, and then either closes with a
 //! close handshake (`connect`, the default: connection churn) or stays open answering pings
 //! until the end (`connect --keep`, `idle`). Failures are counted by cause.
+//!
+//! With auth on, attempt k presents token k (all minted before the schedule starts, so signing
+//! is neither in the connect rate nor in the CPU per connection) and is established only when
+//! the hub answered `connected`: the latency is then connect→connected, and the hub's CPU per
+//! connection includes verifying the token.
 
+use crate::auth::{self, Tokens};
 use crate::cli::ConnectArgs;
 use crate::client::{self, ConnError, Target, PING, PONG};
 use crate::report::{CpuProbe, Report};
@@ -46,6 +52,8 @@ pub(crate) struct OpenPlan {
     pub threads: usize,
     pub source_ips: Vec<IpAddr>,
     pub uring: bool,
+    /// Token k for attempt k (auth on).
+    pub tokens: Option<Arc<Tokens>>,
 }
 
 impl OpenPlan {
@@ -63,6 +71,8 @@ impl OpenPlan {
 pub(crate) struct OpenCounts {
     pub attempted: u64,
     pub established: u64,
+    /// Established, but the hub's `connected` had an empty user (it does not check tokens).
+    pub anonymous: u64,
     /// Established from attempts intended in the measured window.
     pub window_established: u64,
     pub failed: u64,
@@ -81,6 +91,7 @@ impl OpenCounts {
         use std::mem::take;
         self.attempted += take(&mut o.attempted);
         self.established += take(&mut o.established);
+        self.anonymous += take(&mut o.anonymous);
         self.window_established += take(&mut o.window_established);
         self.failed += take(&mut o.failed);
         self.live += take(&mut o.live);
@@ -135,7 +146,8 @@ async fn attempt(ctx: Rc<Ctx>, k: usize, due: u64) {
     let target = &plan.targets[plan.order[k % plan.order.len()]];
     let setup = async {
         let seed = (k as u32).wrapping_mul(0x9e37_79b9);
-        let mut conn = client::open(target, src, plan.uring, plan.chunk, seed).await?;
+        let login = auth::login(plan.tokens.as_deref(), k);
+        let mut conn = client::open(target, src, plan.uring, plan.chunk, seed, login).await?;
         let welcomed = mono_ns();
         if let Some(prefix) = &plan.subscribe {
             client::subscribe(&mut conn, &[format!("{prefix}{k}")]).await?;
@@ -152,6 +164,7 @@ async fn attempt(ctx: Rc<Ctx>, k: usize, due: u64) {
                 let t = welcomed.saturating_sub(due).max(1);
                 l.interval.saturating_record(t);
                 l.counts.established += 1;
+                l.counts.anonymous += u64::from(conn.anonymous);
                 if due >= plan.warm_end_ns {
                     l.total.saturating_record(t);
                     l.counts.window_established += 1;
@@ -312,8 +325,14 @@ pub(crate) fn progress(shared: &OpenShared, start: u64, total: usize, last: &mut
     eprintln!("{line}");
 }
 
-/// The connect-side lines of a report (shared with idle).
-pub(crate) fn report_lines(r: &mut Report, agg: &OpenAgg, prep: &Prepared, connect_s: f64) {
+/// The connect-side lines of a report (shared with idle); `auth`: tokens were used.
+pub(crate) fn report_lines(
+    r: &mut Report,
+    agg: &OpenAgg,
+    prep: &Prepared,
+    connect_s: f64,
+    auth: bool,
+) {
     let c = &agg.counts;
     r.line(
         "established",
@@ -325,6 +344,9 @@ pub(crate) fn report_lines(r: &mut Report, agg: &OpenAgg, prep: &Prepared, conne
         ),
     );
     r.line("failed", c.failed.to_string());
+    if auth {
+        r.set_auth(c.established - c.anonymous, c.anonymous);
+    }
     r.lag(
         "start lag µs",
         "start_lag_us",
@@ -373,6 +395,10 @@ pub fn run(a: &ConnectArgs, prep: &Prepared) -> Result<Report, String> {
         }
         prep.check_capacity(&per, false)?;
     }
+    // Every token is minted before the schedule starts.
+    let need = Duration::from_secs_f64(n as f64 / a.rate) + SETUP_TIMEOUT + CLOSE_TIMEOUT;
+    let tokens = prep.mint(n, need)?;
+    let auth = tokens.is_some();
     let t0 = mono_ns() + 20_000_000;
     let warm_end = t0 + c.warmup.as_nanos() as u64;
     let plan = OpenPlan {
@@ -388,6 +414,7 @@ pub fn run(a: &ConnectArgs, prep: &Prepared) -> Result<Report, String> {
         threads: c.threads,
         source_ips: c.source_ips.clone().unwrap_or_default(),
         uring: c.uring(),
+        tokens: tokens.clone(),
     };
     let sched_end = plan.schedule().due(n as u64 - 1);
     let (shared, workers) = start(plan, prep)?;
@@ -422,26 +449,27 @@ pub fn run(a: &ConnectArgs, prep: &Prepared) -> Result<Report, String> {
 
     let mut r = Report::new("connect", prep);
     r.setup("connections", n.to_string());
+    let reply = if auth { "connected" } else { "welcome" };
     r.setup(
         "rate",
         format!(
-            "{}/s, open loop (connect→welcome measured from the intended connect time)",
+            "{}/s, open loop (connect→{reply} measured from the intended connect time)",
             a.rate
         ),
     );
     r.setup(
         "each",
-        if a.keep {
-            "kept open until the end"
-        } else {
-            "closed with a close handshake right after its welcome"
+        match (a.keep, auth) {
+            (true, _) => "kept open until the end",
+            (false, false) => "closed with a close handshake right after its welcome",
+            (false, true) => "closed with a close handshake right after its `connected`",
         },
     );
     r.param("connections", json!(n));
     r.param("rate", json!(a.rate));
     r.param("keep", json!(a.keep));
-    r.common_setup(prep);
-    report_lines(&mut r, &agg, prep, connect_s);
+    r.common_setup(prep, tokens.as_deref());
+    report_lines(&mut r, &agg, prep, connect_s, auth);
     // The measured window: attempts intended after the warmup.
     let secs = (n as f64 / a.rate - c.warmup.as_secs_f64()).max(0.0);
     let per_s = agg.counts.window_established as f64 / secs.max(1e-9);
@@ -459,10 +487,16 @@ pub fn run(a: &ConnectArgs, prep: &Prepared) -> Result<Report, String> {
             format!("{} (close handshake completed)", agg.counts.closed_clean),
         );
     }
-    r.set_latency(
-        agg.total.clone(),
-        "connect→welcome from the intended connect time",
-    );
+    r.set_latency(agg.total.clone(), latency_what(auth));
     r.set_cpu_per(cpu, "connection");
     Ok(r)
+}
+
+/// What the connect latency measures.
+pub(crate) fn latency_what(auth: bool) -> &'static str {
+    if auth {
+        "connect→connected (token accepted) from the intended connect time"
+    } else {
+        "connect→welcome from the intended connect time"
+    }
 }

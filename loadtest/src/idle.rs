@@ -3,7 +3,9 @@
 //! settle for `--warmup`, read resident memory, hold the connections for `--duration` while
 //! answering pings, and report failures by cause, connections the server closed, and memory
 //! per idle connection on both sides: (VmRSS with the connections open − VmRSS before) ÷
-//! connections open. The hub's figure needs `--server-pid`.
+//! connections open. The hub's figure needs `--server-pid`. With auth on, the tokens are
+//! minted before the baseline memory is read, and a connection counts once the hub answered
+//! `connected`.
 
 use crate::cli::IdleArgs;
 use crate::connect::{self, OpenPlan};
@@ -34,6 +36,9 @@ pub fn run(a: &IdleArgs, prep: &Prepared) -> Result<Report, String> {
     }
     // Not fatal: hitting the limit is what some runs want to see, reported by cause.
     prep.check_capacity(&per, false)?;
+    let need = Duration::from_secs_f64(n as f64 / a.rate) + c.warmup + c.duration;
+    let tokens = prep.mint(n, need)?;
+    let auth = tokens.is_some();
     let pid = c.server_pid;
     let mut hub_rss = pid.and_then(|p| stats::Rss::open(Some(p)));
     let hub_rss0 = hub_rss.as_mut().and_then(|r| r.read());
@@ -59,6 +64,7 @@ pub fn run(a: &IdleArgs, prep: &Prepared) -> Result<Report, String> {
         threads: c.threads,
         source_ips: c.source_ips.clone().unwrap_or_default(),
         uring: c.uring(),
+        tokens: tokens.clone(),
     };
     let sched_end = plan.schedule().due(n as u64 - 1);
     let (shared, workers) = connect::start(plan, prep)?;
@@ -133,8 +139,8 @@ pub fn run(a: &IdleArgs, prep: &Prepared) -> Result<Report, String> {
     r.param("connections", json!(n));
     r.param("rate", json!(a.rate));
     r.param("subscribe", json!(a.subscribe));
-    r.common_setup(prep);
-    connect::report_lines(&mut r, &agg, prep, connect_s);
+    r.common_setup(prep, tokens.as_deref());
+    connect::report_lines(&mut r, &agg, prep, connect_s, auth);
     r.line(
         "still open",
         format!("{still_open} after the {} s hold", c.duration.as_secs_f64()),
@@ -172,10 +178,7 @@ pub fn run(a: &IdleArgs, prep: &Prepared) -> Result<Report, String> {
     }
     rss_line(&mut r, "load gen RSS", "load_generator", own_rss0, own_rss1);
     r.json_extra("memory", serde_json::Value::Object(mem));
-    r.set_latency(
-        agg.total.clone(),
-        "connect→welcome from the intended connect time",
-    );
+    r.set_latency(agg.total.clone(), connect::latency_what(auth));
     r.set_cpu_per(cpu, "connection");
     Ok(r)
 }

@@ -8,10 +8,13 @@
 //! - `compare`: .hgrm files side by side and as an SVG plot ([`compare`]).
 //!
 //! Connections are spread over `--threads` monoio runtimes ([`worker`]), optionally pinned with
-//! `--cpus`, bound round-robin to `--source-ips`, and spread over the `--url` instances.
+//! `--cpus`, bound round-robin to `--source-ips`, and spread over the `--url` instances. With
+//! `--token-secret` or `--token-key` each authenticates with a token of its own, minted before
+//! the timed part ([`auth`]).
 //! [`run`] is the binary's entry point; [`run_scenario`] returns the [`report::Report`] (tests
 //! use it to check counts).
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod compare;
@@ -24,12 +27,16 @@ pub mod track;
 pub mod traffic;
 pub mod worker;
 
+use auth::{Auth, Tokens};
 use cli::{Command, Common};
 use client::Target;
 use report::Report;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// A scenario's checked inputs: the URLs resolved, the open-file limit raised.
+/// A scenario's checked inputs: the URLs resolved, the token flags resolved, the open-file
+/// limit raised.
 pub struct Prepared {
     pub common: Common,
     /// Distinct targets.
@@ -39,6 +46,8 @@ pub struct Prepared {
     pub sub_targets: Vec<usize>,
     /// RLIMIT_NOFILE in force (raised to the hard limit).
     pub fd_limit: u64,
+    /// What signs the connection tokens (None: connections do not authenticate).
+    pub auth: Option<Auth>,
 }
 
 impl Prepared {
@@ -50,6 +59,7 @@ impl Prepared {
         if common.urls.is_empty() {
             return Err("give at least one --url".into());
         }
+        let auth = Auth::new(&common.token)?;
         let mut targets: Vec<Target> = Vec::new();
         let mut index = |url: &str| -> Result<usize, String> {
             if let Some(i) = targets.iter().position(|t| t.url == url) {
@@ -84,7 +94,22 @@ impl Prepared {
             pub_targets,
             sub_targets,
             fd_limit: raise_fd_limit(),
+            auth,
         })
+    }
+
+    /// With auth on, one token for each of `n` connections (minted now, before the timed part).
+    /// `need`: about how long the connections must stay authenticated from now (a token that
+    /// expires sooner is announced on stderr).
+    pub fn mint(&self, n: usize, need: Duration) -> Result<Option<Arc<Tokens>>, String> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let tokens = auth.mint_all(n, self.common.quiet)?;
+        if let Some(w) = tokens.expiry_warning(need) {
+            eprintln!("WARNING: {w}");
+        }
+        Ok(Some(Arc::new(tokens)))
     }
 
     /// Check that `per_target[i]` connections to each target fit in the open-file limit and

@@ -7,6 +7,7 @@
 //! threads), and when the hub is pinned to cores of its own, the `ksoftirqd/N` threads of those
 //! cores (deferred network work the kernel does on the hub's behalf, not in its own time).
 
+use crate::auth::Tokens;
 use crate::stats::{self, mono_ns, Closes, Tally, REPORTED};
 use crate::worker::Workers;
 use crate::Prepared;
@@ -201,8 +202,9 @@ impl Report {
         self.params.insert(key.into(), v);
     }
 
-    /// The setup every scenario shares: URLs, duration, threads, source addresses.
-    pub fn common_setup(&mut self, prep: &Prepared) {
+    /// The setup every scenario shares: URLs, duration, threads, source addresses, and whether
+    /// connections authenticated (`tokens`: the run's tokens, with auth on).
+    pub fn common_setup(&mut self, prep: &Prepared, tokens: Option<&Tokens>) {
         let c = &prep.common;
         let urls = |idx: &[usize]| -> Vec<String> {
             idx.iter().map(|&i| prep.targets[i].url.clone()).collect()
@@ -242,6 +244,49 @@ impl Report {
         self.param("source_ips", json!(src));
         if let Some(pid) = c.server_pid {
             self.param("server_pid", json!(pid));
+        }
+        match (&prep.auth, tokens) {
+            (Some(auth), Some(tokens)) => {
+                self.setup("auth", auth.describe(tokens));
+                self.param("auth", auth.to_json(tokens));
+                let over = ringhub::auth::token::now_secs().saturating_sub(tokens.expires_at);
+                if over > 0 {
+                    self.warn(format!(
+                        "the connection tokens expired {over} s before the end of the run (the \
+                         hub closes such connections, 4002): raise --token-ttl"
+                    ));
+                }
+            }
+            _ => {
+                self.setup(
+                    "auth",
+                    "off (no token: --token-secret or --token-key turn it on)",
+                );
+                self.param("auth", json!({"enabled": false}));
+            }
+        }
+    }
+
+    /// With auth on: how many connections the hub accepted as their user (`connected` with
+    /// a non-empty user), and how many it accepted as anonymous (a hub not checking tokens).
+    pub fn set_auth(&mut self, authenticated: u64, anonymous: u64) {
+        self.line(
+            "authenticated",
+            format!(
+                "{authenticated} connection(s): the hub answered `connected` with their user \
+                 before they were counted as established"
+            ),
+        );
+        self.json_extra(
+            "auth",
+            json!({"authenticated": authenticated, "anonymous": anonymous}),
+        );
+        if anonymous > 0 {
+            self.warn(format!(
+                "the hub accepted {anonymous} connection(s) as anonymous (`connected` with an \
+                 empty user): it does not check tokens (no [auth]), so this run was not \
+                 authenticated"
+            ));
         }
     }
 

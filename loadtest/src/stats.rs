@@ -291,6 +291,7 @@ impl Closes {
 
 /// What a WebSocket close code sent by the hub means for a load test.
 pub fn close_meaning(code: u16) -> &'static str {
+    use ringhub::auth::close;
     match code {
         1000 => "normal",
         1001 => "going away: the hub is shutting down",
@@ -299,6 +300,10 @@ pub fn close_meaning(code: u16) -> &'static str {
         1009 => "message too big: raise the hub's --max-message-size",
         1011 => "internal error in the hub",
         1013 => "try again later: a slow consumer over the hub's --max-queued-bytes",
+        close::UNAUTHORIZED => "unauthorized: the token was refused",
+        close::TOKEN_EXPIRED => "token expired: raise --token-ttl",
+        close::FORBIDDEN => "forbidden",
+        close::DISCONNECTED => "disconnected by a backend",
         _ => "see RFC 6455 §7.4",
     }
 }

@@ -16,7 +16,12 @@
 //! allocating, record latency per thread, and account every (publisher, channel) stream
 //! ([`crate::track`]). Expected deliveries are Σ over channels of publishes written × the
 //! subscriptions the hub confirmed, so "delivered 100%" is checked, not assumed.
+//!
+//! With auth on, connection `j` authenticates with token `j` (minted before setup) and is set
+//! up only once the hub answered `connected`; publishing over WebSocket then needs the hub to
+//! let authenticated clients publish (`[channels] publish = "authenticated"`).
 
+use crate::auth::{self, Tokens};
 use crate::cli::{FanoutArgs, RoomsArgs, Traffic};
 use crate::client::{self, Conn, ConnError, Reader, Target, Writer, PING, PONG, TEXT};
 use crate::report::{Cpu, CpuProbe, Deliveries, Report};
@@ -122,6 +127,8 @@ struct Plan {
     threads: usize,
     source_ips: Vec<IpAddr>,
     uring: bool,
+    /// One token per connection (auth on).
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl Plan {
@@ -174,6 +181,8 @@ impl Plan {
 struct Counts {
     setup_ok: u64,
     setup_failed: u64,
+    /// Set up, but the hub's `connected` had an empty user (it does not check tokens).
+    anonymous: u64,
     live: i64,
     publishers_done: u64,
     seq: SeqCounts,
@@ -206,6 +215,7 @@ impl Counts {
         use std::mem::take;
         self.setup_ok += take(&mut o.setup_ok);
         self.setup_failed += take(&mut o.setup_failed);
+        self.anonymous += take(&mut o.anonymous);
         self.live += take(&mut o.live);
         self.publishers_done += take(&mut o.publishers_done);
         self.seq.absorb(&mut o.seq);
@@ -619,7 +629,8 @@ async fn conn_task(ctx: Rc<Ctx>, j: usize) {
     let setup = async {
         let seed = (j as u32).wrapping_mul(0x9e37_79b9);
         let target = &plan.targets[role.target];
-        let mut conn = client::open(target, src, plan.uring, CHUNK, seed).await?;
+        let login = auth::login(plan.tokens.as_deref(), j);
+        let mut conn = client::open(target, src, plan.uring, CHUNK, seed, login).await?;
         let names: Vec<String> = channels.iter().map(|&c| plan.channel_name(c)).collect();
         client::subscribe(&mut conn, &names).await?;
         Ok(conn)
@@ -642,6 +653,7 @@ async fn conn_task(ctx: Rc<Ctx>, j: usize) {
     {
         let mut l = ctx.local.borrow_mut();
         l.counts.setup_ok += 1;
+        l.counts.anonymous += u64::from(conn.anonymous);
         l.counts.live += 1;
         for &c in &channels {
             l.counts.subs[c] += 1;
@@ -817,6 +829,9 @@ fn run(
     if u32::try_from(publishers).is_err() {
         return Err("too many publishers".into());
     }
+    // Minted before setup: the connections need them until the drain is over.
+    let need = c.warmup + c.duration + Duration::from_nanos(DRAIN_MAX_NS) + SETUP_TIMEOUT;
+    let tokens = prep.mint(conns, need)?;
     let plan = Arc::new(Plan {
         scenario,
         layout,
@@ -834,6 +849,7 @@ fn run(
         threads: c.threads,
         source_ips: c.source_ips.clone().unwrap_or_default(),
         uring: c.uring(),
+        tokens,
     });
     // Connections per destination, for the ephemeral-port check.
     let mut per_target = vec![0usize; plan.targets.len()];
@@ -1031,7 +1047,7 @@ fn report(
     let size = t.payload_size.max(DATA_OVERHEAD);
     r.setup("payload", format!("{size} B of data per message"));
     r.param("payload_size", json!(size));
-    r.common_setup(prep);
+    r.common_setup(prep, plan.tokens.as_deref());
 
     let sent: u64 = c.sent.iter().sum();
     let exp = c.expected();
@@ -1052,10 +1068,26 @@ fn report(
         deliveries_in_window: c.window_deliveries,
         deliveries_per_s: c.window_deliveries as f64 / secs,
     };
+    let authed = if plan.tokens.is_some() {
+        ", each authenticated before subscribing"
+    } else {
+        ""
+    };
     r.line(
         "setup",
-        format!("{} connections in {setup_s:.2} s", c.setup_ok),
+        format!("{} connections in {setup_s:.2} s{authed}", c.setup_ok),
     );
+    if plan.tokens.is_some() {
+        r.set_auth(c.setup_ok - c.anonymous, c.anonymous);
+        let denied = c.errors.count("hub error permission_denied");
+        if denied > 0 {
+            r.warn(format!(
+                "the hub refused {denied} publish(es) with permission_denied: with [auth], \
+                 clients may not publish unless the hub allows it (`publish = \"authenticated\"` \
+                 under [channels] in its config)"
+            ));
+        }
+    }
     let sched = match d.publishes_scheduled {
         Some(n) => format!(" of {n} scheduled"),
         None => String::new(),
