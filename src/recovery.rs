@@ -474,7 +474,7 @@ impl Shard {
         let channel: Box<str> = Box::from(channel);
         let id = id.map(|i| i.to_owned());
         let reply = move |s: &mut Shard, page: Result<Page, BrokerError>| {
-            if !s.conns.get(key).is_some_and(|c| c.seq == seq) {
+            if s.conns.get(key).is_none_or(|c| c.seq != seq) {
                 return;
             }
             match page {
