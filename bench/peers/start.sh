@@ -10,7 +10,7 @@
 # node-ws-redis and ringhub-redis). Stop them all by those PIDs. Logs go to $BENCH_LOG_DIR
 # (default /tmp). With REDIS_PORT set, the Redis-mode servers use that redis-server instead of
 # starting their own (several instances on one bus). RINGHUB_BIN / MINIMAL_BIN override the
-# binaries (default: target/release/). ringhub runs with --max-publish-rate 0 (the peers have no
+# binaries (default: target/release/); RINGHUB_ARGS adds flags to ringhub (e.g. --config FILE). ringhub runs with --max-publish-rate 0 (the peers have no
 # publish rate limit, and closed-loop runs publish faster than its default 1000/s per
 # connection). Build/install first with
 # bench/peers/setup.sh.
@@ -66,13 +66,13 @@ aux=""
 case "$name" in
   ringhub)
     taskset -c "$cpu" "${RINGHUB_BIN:-$root/target/release/ringhub}" serve --listen "127.0.0.1:$port" \
-      --shards 1 --cpus "$cpu" --log warn --max-publish-rate 0 >"$log" 2>&1 &
+      --shards 1 --cpus "$cpu" --log warn --max-publish-rate 0 ${RINGHUB_ARGS:-} >"$log" 2>&1 &
     ;;
   ringhub-redis)
     read -r rpid rport < <(start_redis) && [ -n "${rport:-}" ] || exit 1
     [ "$rpid" = - ] || aux=$rpid
     taskset -c "$cpu" "${RINGHUB_BIN:-$root/target/release/ringhub}" serve --listen "127.0.0.1:$port" \
-      --shards 1 --cpus "$cpu" --log warn --max-publish-rate 0 --redis "redis://127.0.0.1:$rport" >"$log" 2>&1 &
+      --shards 1 --cpus "$cpu" --log warn --max-publish-rate 0 --redis "redis://127.0.0.1:$rport" ${RINGHUB_ARGS:-} >"$log" 2>&1 &
     ;;
   uws)
     taskset -c "$cpu" node "$here/uws/server.js" "$port" >"$log" 2>&1 &
