@@ -19,7 +19,7 @@
 //! - [`api`]: `POST /send` and `POST /disconnect` (by connection or user, on any instance).
 //! - [`inbox`]: the only cross-thread path into a shard.
 //! - [`broker`]: the seam between shards and instances; in-process implementation.
-//! - [`redis`]: the Redis implementation: per-shard publisher/subscriber links, lazy subscriptions.
+//! - [`redis`]: the Redis implementation: per-shard links, lazy subscriptions, history in Redis.
 //! - [`registry`]: connection registry and instance heartbeats on a dedicated core (Redis mode).
 //! - [`resp`]: sans-IO RESP parser and command encoder.
 //! - [`sock`]: non-blocking receive helper.

@@ -25,9 +25,15 @@
 //! Redis when idle and reconnect when a ping goes unanswered. State changes are logged once.
 //!
 //! Delivery guarantee: at most once (Redis pub/sub keeps nothing; a message published while a
-//! link is down, or to a shard not yet subscribed, is not delivered there).
+//! link is down, or to a shard not yet subscribed, is not delivered there) — except on channels
+//! with history, whose messages are numbered and kept by Redis: there a shard repairs holes in
+//! its live stream from the stream (see [`history`]). A shard with history channels opens a third
+//! link, the **reader**, for history reads and repairs, so that reads never delay publishes.
+//! Every link names itself `ringhub-<instance>-<shard>-<pub|sub|read>` (`CLIENT SETNAME`).
 
-use crate::broker::{Broker, BrokerError, Route};
+mod history;
+
+use crate::broker::{Broker, BrokerError, HistoryFuture, Route};
 use crate::config::RedisConfig;
 use crate::resp::{self, Frame, PubSub};
 use crate::shard::ShardRef;
@@ -62,11 +68,13 @@ const MAX_PENDING_PUBLISH_BYTES: usize = 32 << 20;
 /// Channels per SUBSCRIBE command when re-subscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 512;
 
-/// Which of a shard's two connections.
+/// Which of a shard's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Publisher,
     Subscriber,
+    /// History reads, repairs and checks (only with history channels).
+    Reader,
 }
 
 /// A link's state.
@@ -128,6 +136,8 @@ struct LinkIo {
     logged_down: bool,
     /// Subscriber: re-subscriptions sent on connect and not yet confirmed.
     resubscribing: usize,
+    /// Publisher: do not write `out` (the function library is being reloaded).
+    hold_output: bool,
 }
 
 impl LinkIo {
@@ -140,7 +150,13 @@ impl LinkIo {
             ping_sent: None,
             logged_down: false,
             resubscribing: 0,
+            hold_output: false,
         }
+    }
+
+    /// Whether there is output the link may write now.
+    fn has_output(&self) -> bool {
+        !self.out.is_empty() && !self.hold_output
     }
 
     fn queue(&mut self, args: &[&[u8]]) {
@@ -171,14 +187,21 @@ impl Readiness {
     }
 }
 
-/// A shard's Redis state, shared by its [`RedisBroker`] and its two link tasks.
+/// A shard's Redis state, shared by its [`RedisBroker`] and its link tasks.
 pub struct Links {
     cfg: Arc<RedisConfig>,
     shard: usize,
     readiness: Arc<Readiness>,
     publisher: LinkIo,
     subscriber: LinkIo,
+    reader: LinkIo,
     channels: HashMap<Box<str>, Chan>,
+    /// The shard's channel rules (which channels keep history); set by [`spawn_links`].
+    policy: Option<crate::auth::namespaces::Policy>,
+    /// `ringhub-<instance>-<shard>`, for `CLIENT SETNAME`; set by [`spawn_links`].
+    name: Option<String>,
+    /// History: publishes and reads in flight, the channels being kept gapless.
+    hist: history::State,
     /// `<prefix>chan:`
     chan_prefix: Vec<u8>,
     /// `<prefix>inbox:<instance>`, subscribed by shard 0 only: sends and disconnects for this
@@ -200,7 +223,11 @@ impl Links {
             readiness,
             publisher: LinkIo::new(),
             subscriber: LinkIo::new(),
+            reader: LinkIo::new(),
             channels: HashMap::new(),
+            policy: None,
+            name: None,
+            hist: history::State::default(),
             chan_prefix,
             inbox: inbox.map(String::into_bytes),
         }))
@@ -210,20 +237,83 @@ impl Links {
         match role {
             Role::Publisher => &mut self.publisher,
             Role::Subscriber => &mut self.subscriber,
+            Role::Reader => &mut self.reader,
         }
     }
 
+    /// Whether `channel` keeps history (decided by the config alone).
+    fn is_history(&self, channel: &str) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.history(channel).is_some())
+    }
+
+    /// The pub/sub channel of `channel`: `<prefix>{<channel>}:pub` with history, else
+    /// `<prefix>chan:<channel>`.
     fn key(&self, channel: &str) -> Vec<u8> {
+        if self.is_history(channel) {
+            return history::pub_channel(&self.cfg.prefix, channel);
+        }
+        self.plain_key(channel)
+    }
+
+    /// `<prefix>chan:<channel>`
+    fn plain_key(&self, channel: &str) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.chan_prefix.len() + channel.len());
         k.extend_from_slice(&self.chan_prefix);
         k.extend_from_slice(channel.as_bytes());
         k
     }
 
+    /// The hub channel a Redis pub/sub name stands for, and whether it is a history channel's.
+    fn channel_of<'a>(&self, name: &'a [u8]) -> Option<(&'a str, bool)> {
+        if let Some(rest) = name.strip_prefix(self.chan_prefix.as_slice()) {
+            return std::str::from_utf8(rest).ok().map(|c| (c, false));
+        }
+        history::parse_pub_channel(&self.cfg.prefix, name).map(|c| (c, true))
+    }
+
+    /// Queue a keepalive PING on a link (its reply is matched like any other).
+    fn queue_ping(&mut self, role: Role) {
+        self.io(role).ping_sent = Some(Instant::now());
+        match role {
+            Role::Publisher => {
+                self.hist.pub_sent.push_back(history::PubSent::Ping);
+                self.hist.pub_unwritten += 1;
+                self.publisher.awaiting += 1;
+                self.publisher.queue(&[b"PING"]);
+            }
+            Role::Subscriber => self.subscriber.queue(&[b"PING"]),
+            Role::Reader => self.reader_ping(),
+        }
+    }
+
+    /// The bytes a link may write now, if any.
+    fn take_output(&mut self, role: Role) -> Option<bytes::Bytes> {
+        if !self.io(role).has_output() {
+            return None;
+        }
+        if role == Role::Publisher {
+            self.hist.pub_unwritten = 0;
+        }
+        Some(self.io(role).out.split().freeze())
+    }
+
+    /// Ready: publisher and subscriber up, and the reader too when some channel keeps history
+    /// (history subscribes need it).
     fn update_readiness(&self) {
-        let up =
-            self.publisher.state == LinkState::Ready && self.subscriber.state == LinkState::Ready;
-        self.readiness.set(self.shard, up);
+        self.readiness.set(self.shard, self.ready());
+    }
+
+    fn ready(&self) -> bool {
+        self.publisher.state == LinkState::Ready
+            && self.subscriber.state == LinkState::Ready
+            && (self.reader.state == LinkState::Ready || !self.has_history())
+    }
+
+    /// Whether some namespace keeps history (then the shard has a reader link).
+    fn has_history(&self) -> bool {
+        self.policy.as_ref().is_some_and(|p| p.any_history())
     }
 
     /// Whether the subscriber link can take commands.
@@ -238,6 +328,9 @@ impl Links {
     fn want(&mut self, channel: &str) {
         let key = self.key(channel);
         let ready = self.sub_connected();
+        if self.is_history(channel) {
+            self.hist.track(channel);
+        }
         let chan = self.channels.entry(channel.into()).or_default();
         chan.wanted = true;
         if ready && !chan.will_be_subscribed() {
@@ -250,6 +343,7 @@ impl Links {
     fn unwant(&mut self, channel: &str) {
         let key = self.key(channel);
         let ready = self.sub_connected();
+        self.hist.untrack(channel);
         let Some(chan) = self.channels.get_mut(channel) else {
             return;
         };
@@ -287,6 +381,8 @@ impl Links {
             {
                 self.subscriber.state = LinkState::Ready;
                 self.update_readiness();
+                // Everything is subscribed again: fill what was missed while the link was down.
+                self.hist.request_check();
             }
         }
         let Some(chan) = self.channels.get_mut(channel) else {
@@ -340,6 +436,9 @@ impl Links {
                 self.subscriber.state = LinkState::Subscribing;
             }
         }
+        if role == Role::Reader {
+            self.reader_up();
+        }
         self.update_readiness();
     }
 
@@ -354,6 +453,8 @@ impl Links {
         io.awaiting = 0;
         io.ping_sent = None;
         io.resubscribing = 0;
+        self.history_down(role);
+        let io = self.io(role);
         if !io.logged_down {
             if was == LinkState::Ready {
                 tracing::warn!(shard, ?role, %addr, error = why, "Redis link down; reconnecting with backoff");
@@ -392,10 +493,35 @@ impl Broker for RedisBroker {
         {
             return Err(BrokerError::Unavailable);
         }
-        let key = l.key(channel);
+        let key = l.plain_key(channel);
         l.publisher.awaiting += 1;
+        l.hist.pub_sent.push_back(history::PubSent::Publish);
+        l.hist.pub_unwritten += 1;
         l.publisher.queue(&[b"PUBLISH", &key, data]);
         Ok(Route::ViaBus)
+    }
+
+    fn publish_history(
+        &mut self,
+        channel: &str,
+        data: &[u8],
+        opts: &crate::history::HistoryOptions,
+    ) -> Result<(), BrokerError> {
+        self.links.borrow_mut().publish_history(channel, data, opts)
+    }
+
+    fn read_history(
+        &mut self,
+        channel: &str,
+        since: Option<u64>,
+        limit: usize,
+        opts: &crate::history::HistoryOptions,
+    ) -> Option<HistoryFuture> {
+        Some(
+            self.links
+                .borrow_mut()
+                .read_history(channel, since, limit, opts),
+        )
     }
 
     fn first_subscriber(&mut self, channel: &str) {
@@ -411,14 +537,31 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        let l = self.links.borrow();
-        l.publisher.state == LinkState::Ready && l.subscriber.state == LinkState::Ready
+        self.links.borrow().ready()
     }
 }
 
-/// Start both link tasks of a shard.
+/// Start the link tasks of a shard: publisher and subscriber; with history channels in the
+/// config also the reader and the periodic history check.
 pub fn spawn_links(shard: ShardRef, links: Rc<RefCell<Links>>) {
+    let history = {
+        let s = shard.borrow();
+        let mut l = links.borrow_mut();
+        let instance: String = s
+            .instance
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .collect();
+        l.name = Some(format!("ringhub-{instance}-{}", s.id));
+        l.policy = Some(s.policy.clone());
+        l.hist.max_recovery = s.cfg.max_recovery;
+        l.has_history()
+    };
     monoio::spawn(run_link(shard.clone(), links.clone(), Role::Publisher));
+    if history {
+        monoio::spawn(run_link(shard.clone(), links.clone(), Role::Reader));
+        monoio::spawn(history::check_loop(links.clone()));
+    }
     monoio::spawn(run_link(shard, links, Role::Subscriber));
 }
 
@@ -586,7 +729,10 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
         Err(e) => return e,
     };
     links.borrow_mut().io(role).state = LinkState::Authenticating;
-    if let Err(e) = conn.handshake(&cfg, role == Role::Publisher).await {
+    if let Err(e) = conn.handshake(&cfg, role != Role::Subscriber).await {
+        return e;
+    }
+    if let Err(e) = history::prepare(&mut conn, links, role).await {
         return e;
     }
     links.borrow_mut().on_ready(role);
@@ -594,15 +740,7 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
     let mut last_activity = Instant::now();
     loop {
         // Write what is queued (never cancelled mid-write).
-        let out = {
-            let mut l = links.borrow_mut();
-            let io = l.io(role);
-            if io.out.is_empty() {
-                None
-            } else {
-                Some(io.out.split().freeze())
-            }
-        };
+        let out = links.borrow_mut().take_output(role);
         if let Some(out) = out {
             let (res, _) = conn.stream.write_all(out).await;
             if let Err(e) = res {
@@ -613,17 +751,12 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
         // Idle keepalive.
         {
             let mut l = links.borrow_mut();
-            let io = l.io(role);
-            if let Some(sent) = io.ping_sent {
+            if let Some(sent) = l.io(role).ping_sent {
                 if sent.elapsed() > PING_TIMEOUT {
                     return io::Error::new(io::ErrorKind::TimedOut, "Redis did not answer a ping");
                 }
             } else if last_activity.elapsed() >= PING_INTERVAL {
-                io.ping_sent = Some(Instant::now());
-                if role == Role::Publisher {
-                    io.awaiting += 1;
-                }
-                io.queue(&[b"PING"]);
+                l.queue_ping(role);
                 continue;
             }
         }
@@ -632,11 +765,11 @@ async fn session(shard: &ShardRef, links: &Rc<RefCell<Links>>, role: Role) -> io
             let output = std::future::poll_fn(|cx| {
                 let mut l = links.borrow_mut();
                 let io = l.io(role);
-                if io.out.is_empty() {
+                if io.has_output() {
+                    Poll::Ready(())
+                } else {
                     io.waker = Some(cx.waker().clone());
                     Poll::Pending
-                } else {
-                    Poll::Ready(())
                 }
             });
             let output = pin!(output);
@@ -771,18 +904,10 @@ fn handle_frame(
 ) -> io::Result<()> {
     match role {
         Role::Publisher => {
-            let mut l = links.borrow_mut();
-            let io = &mut l.publisher;
-            io.awaiting = io.awaiting.saturating_sub(1);
-            match frame {
-                Frame::Simple(s) if s.eq_ignore_ascii_case(b"PONG") => io.ping_sent = None,
-                Frame::Error(e) => {
-                    tracing::warn!(shard = l.shard, error = %String::from_utf8_lossy(&e), "Redis refused a PUBLISH");
-                }
-                _ => {}
-            }
+            history::on_publisher_reply(links, frame);
             Ok(())
         }
+        Role::Reader => history::on_reader_reply(shard, links, frame),
         Role::Subscriber => {
             if let Frame::Simple(s) = &frame {
                 // A subscriber link with no subscriptions answers PING like any connection.
@@ -800,10 +925,11 @@ fn handle_frame(
             let Some(event) = resp::as_pubsub(&frame) else {
                 return Ok(());
             };
-            let prefix_len = links.borrow().chan_prefix.len();
             let name = |ch: &[u8]| -> Option<String> {
-                let rest = ch.get(prefix_len..)?;
-                std::str::from_utf8(rest).ok().map(str::to_owned)
+                links
+                    .borrow()
+                    .channel_of(ch)
+                    .map(|(name, _)| name.to_owned())
             };
             match event {
                 PubSub::Message { channel, payload }
@@ -812,13 +938,16 @@ fn handle_frame(
                     route_inbox(shard, &payload);
                 }
                 PubSub::Message { channel, payload } => {
-                    if let Some(rest) = channel.get(prefix_len..) {
-                        if let Ok(ch) = std::str::from_utf8(rest) {
+                    let target = links.borrow().channel_of(&channel);
+                    match target {
+                        Some((ch, true)) => history::on_message(shard, links, ch, &payload),
+                        Some((ch, false)) => {
                             let data = crate::protocol::payload_to_json(&payload);
                             let mut s = shard.borrow_mut();
                             s.metrics.bus_messages_received += 1;
                             s.deliver_local(ch, &data);
                         }
+                        None => {}
                     }
                 }
                 PubSub::Subscribed { channel, .. } => {

@@ -29,6 +29,10 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     log: PathBuf,
+    /// Arguments after the defaults (later ones win), kept for restarts.
+    extra: Vec<String>,
+    /// The private data directory of a persistent server (removed on drop).
+    dir: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -40,12 +44,14 @@ impl RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let log = log_path(port);
-            match spawn(port, &log) {
+            match spawn(port, &log, &[]) {
                 Ok(child) => {
                     return RedisServer {
                         child: Some(child),
                         port,
                         log,
+                        extra: Vec::new(),
+                        dir: None,
                     }
                 }
                 Err(e) => {
@@ -87,7 +93,7 @@ impl RedisServer {
         // The port was just released; retry briefly in case the bind races with something.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn(self.port, &self.log) {
+            match spawn(self.port, &self.log, &self.extra) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -115,6 +121,9 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.log);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -136,7 +145,7 @@ fn log_path(port: u16) -> PathBuf {
 
 /// Spawn `redis-server` on `port` and wait until it answers PING; on failure the process is
 /// reaped and the error includes the tail of its log.
-fn spawn(port: u16, log: &PathBuf) -> Result<Child, String> {
+fn spawn(port: u16, log: &PathBuf, extra: &[String]) -> Result<Child, String> {
     assert_ne!(port, 6379, "tests must never use the default Redis port");
     let _ = std::fs::remove_file(log);
     let mut cmd = Command::new("redis-server");
@@ -147,6 +156,7 @@ fn spawn(port: u16, log: &PathBuf) -> Result<Child, String> {
         .args(["--appendonly", "no"])
         .arg("--logfile")
         .arg(log)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -396,5 +406,47 @@ impl RedisClient {
             Frame::Integer(n) => n,
             other => panic!("{} replied {other:?}", String::from_utf8_lossy(args[0])),
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Persistence (tests/history_redis.rs): a server whose writes survive a kill and restart.
+// ------------------------------------------------------------------------------------------------
+
+impl RedisServer {
+    /// Start a server with AOF persistence and `appendfsync always` in a private directory: after
+    /// [`RedisServer::restart`] (SIGKILL, then a new process on the same port) it has every write
+    /// it acknowledged.
+    pub fn start_persistent() -> RedisServer {
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let log = log_path(port);
+            let dir = log.with_extension("d");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create the Redis data directory");
+            let extra: Vec<String> = ["--appendonly", "yes", "--appendfsync", "always", "--dir"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([dir.to_string_lossy().into_owned()])
+                .collect();
+            match spawn(port, &log, &extra) {
+                Ok(child) => {
+                    return RedisServer {
+                        child: Some(child),
+                        port,
+                        log,
+                        extra,
+                        dir: Some(dir),
+                    }
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&log);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    last_err = e;
+                }
+            }
+        }
+        panic!("could not start a persistent redis-server: {last_err}");
     }
 }
