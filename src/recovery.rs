@@ -510,6 +510,12 @@ impl Shard {
 
     /// Sweep part: expire the owner store (embedded mode). Cost: linear in kept channels.
     pub(crate) fn sweep_history(&mut self) {
+        if !self.positions.is_empty() {
+            // Forget the positions of channels this shard no longer serves.
+            let topics = &self.topics;
+            self.positions
+                .retain(|channel, _| topics.subscriber_count(channel) > 0);
+        }
         if self.history.is_empty() {
             return;
         }
