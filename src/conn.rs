@@ -220,112 +220,113 @@ impl ConnTask {
             m => (m, false),
         };
         let json = "application/json";
-        let (status, content_type, extra, body): (u16, &str, &[(&str, &str)], Vec<u8>) =
-            match (method, head.path.as_str()) {
-                (Method::Get, "/ws") if head.upgrade.is_some() && !head_only => {
-                    return self.upgrade(head, false).await
+        let (status, content_type, extra, body): (u16, &str, &[(&str, &str)], Vec<u8>) = match (
+            method,
+            head.path.as_str(),
+        ) {
+            (Method::Get, "/ws") if head.upgrade.is_some() && !head_only => {
+                return self.upgrade(head, false).await
+            }
+            (Method::Get, "/echo")
+                if head.upgrade.is_some() && !head_only && self.shard.borrow().cfg.echo =>
+            {
+                return self.upgrade(head, true).await
+            }
+            (Method::Get, "/ws") => (
+                426,
+                json,
+                &[("Upgrade", "websocket")],
+                err_body("upgrade_required", "GET /ws must be a WebSocket upgrade"),
+            ),
+            (Method::Get, "/healthz") => (200, json, &[], b"{\"status\":\"ok\"}".to_vec()),
+            (Method::Get, "/readyz") => {
+                if self.shard.borrow().shared.readiness.all() {
+                    (200, json, &[], b"{\"status\":\"ready\"}".to_vec())
+                } else {
+                    (
+                        503,
+                        json,
+                        &[],
+                        err_body("unavailable", "the message bus is down"),
+                    )
                 }
-                (Method::Get, "/echo")
-                    if head.upgrade.is_some() && !head_only && self.shard.borrow().cfg.echo =>
-                {
-                    return self.upgrade(head, true).await
+            }
+            (Method::Get, "/metrics") => {
+                let text = gather_metrics(&self.shard).await;
+                (200, "text/plain; version=0.0.4", &[], text.into_bytes())
+            }
+            (Method::Post, "/publish") => {
+                let body = &self.rbuf[head.head_len..head.head_len + head.content_length];
+                match self.http_publish(&head, body) {
+                    Ok(()) => (200, json, &[], b"{\"ok\":true}".to_vec()),
+                    Err((401, code, msg)) => (
+                        401,
+                        json,
+                        &[("WWW-Authenticate", "Bearer")],
+                        err_body(code, &msg),
+                    ),
+                    Err((status, code, msg)) => (status, json, &[], err_body(code, &msg)),
                 }
-                (Method::Get, "/ws") => (
-                    426,
-                    json,
-                    &[("Upgrade", "websocket")],
-                    err_body("upgrade_required", "GET /ws must be a WebSocket upgrade"),
-                ),
-                (Method::Get, "/healthz") => (200, json, &[], b"{\"status\":\"ok\"}".to_vec()),
-                (Method::Get, "/readyz") => {
-                    if self.shard.borrow().shared.readiness.all() {
-                        (200, json, &[], b"{\"status\":\"ready\"}".to_vec())
-                    } else {
-                        (
-                            503,
-                            json,
-                            &[],
-                            err_body("unavailable", "the message bus is down"),
-                        )
-                    }
-                }
-                (Method::Get, "/metrics") => {
-                    let text = gather_metrics(&self.shard).await;
-                    (200, "text/plain; version=0.0.4", &[], text.into_bytes())
-                }
-                (Method::Post, "/publish") => {
-                    let body = &self.rbuf[head.head_len..head.head_len + head.content_length];
-                    match self.http_publish(&head, body) {
-                        Ok(()) => (200, json, &[], b"{\"ok\":true}".to_vec()),
-                        Err((401, code, msg)) => (
+            }
+            (Method::Post, path @ ("/send" | "/disconnect")) => {
+                let body = self.rbuf[head.head_len..head.head_len + head.content_length].to_vec();
+                let (status, body) = if !self.authorized(&head) {
+                    (
                             401,
-                            json,
-                            &[("WWW-Authenticate", "Bearer")],
-                            err_body(code, &msg),
-                        ),
-                        Err((status, code, msg)) => (status, json, &[], err_body(code, &msg)),
-                    }
-                }
-                (Method::Post, path @ ("/send" | "/disconnect")) => {
-                    let body =
-                        self.rbuf[head.head_len..head.head_len + head.content_length].to_vec();
-                    let (status, body) = if !self.authorized(&head) {
-                        (
-                            401,
-                            err_body("unauthorized", "missing or wrong bearer token"),
+                            err_body("unauthorized", "missing or wrong bearer token (with [auth], the backend API needs api_key)"),
                         )
-                    } else if path == "/send" {
-                        crate::api::send(&self.shard, &body).await
-                    } else {
-                        crate::api::disconnect(&self.shard, &body).await
-                    };
-                    let extra: &[(&str, &str)] = if status == 401 {
-                        &[("WWW-Authenticate", "Bearer")]
-                    } else {
-                        &[]
-                    };
-                    (status, json, extra, body)
-                }
-                (Method::Get, "/history") => {
-                    let (status, body) = if !self.authorized(&head) {
-                        (
+                } else if path == "/send" {
+                    crate::api::send(&self.shard, &body).await
+                } else {
+                    crate::api::disconnect(&self.shard, &body).await
+                };
+                let extra: &[(&str, &str)] = if status == 401 {
+                    &[("WWW-Authenticate", "Bearer")]
+                } else {
+                    &[]
+                };
+                (status, json, extra, body)
+            }
+            (Method::Get, "/history") => {
+                let (status, body) = if !self.authorized(&head) {
+                    (
                             401,
-                            err_body("unauthorized", "missing or wrong bearer token"),
+                            err_body("unauthorized", "missing or wrong bearer token (with [auth], the backend API needs api_key)"),
                         )
-                    } else {
-                        crate::recovery::http_history(&self.shard, head.query.as_deref()).await
-                    };
-                    let extra: &[(&str, &str)] = if status == 401 {
-                        &[("WWW-Authenticate", "Bearer")]
-                    } else {
-                        &[]
-                    };
-                    (status, json, extra, body)
-                }
-                (Method::Get, "/instances") => {
-                    let (status, body) = self.http_instances().await;
-                    (status, json, &[], body)
-                }
-                (_, "/send" | "/disconnect") => (
-                    405,
-                    json,
-                    &[("Allow", "POST")],
-                    err_body("method_not_allowed", "use POST"),
-                ),
-                (_, "/publish") => (
-                    405,
-                    json,
-                    &[("Allow", "POST")],
-                    err_body("method_not_allowed", "use POST"),
-                ),
-                (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/instances" | "/history") => (
-                    405,
-                    json,
-                    &[("Allow", "GET, HEAD")],
-                    err_body("method_not_allowed", "use GET"),
-                ),
-                _ => (404, json, &[], err_body("not_found", "no such endpoint")),
-            };
+                } else {
+                    crate::recovery::http_history(&self.shard, head.query.as_deref()).await
+                };
+                let extra: &[(&str, &str)] = if status == 401 {
+                    &[("WWW-Authenticate", "Bearer")]
+                } else {
+                    &[]
+                };
+                (status, json, extra, body)
+            }
+            (Method::Get, "/instances") => {
+                let (status, body) = self.http_instances().await;
+                (status, json, &[], body)
+            }
+            (_, "/send" | "/disconnect") => (
+                405,
+                json,
+                &[("Allow", "POST")],
+                err_body("method_not_allowed", "use POST"),
+            ),
+            (_, "/publish") => (
+                405,
+                json,
+                &[("Allow", "POST")],
+                err_body("method_not_allowed", "use POST"),
+            ),
+            (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/instances" | "/history") => (
+                405,
+                json,
+                &[("Allow", "GET, HEAD")],
+                err_body("method_not_allowed", "use GET"),
+            ),
+            _ => (404, json, &[], err_body("not_found", "no such endpoint")),
+        };
         let mut resp = http::response_with_headers(status, content_type, extra, &body, keep_alive);
         if head_only {
             // Same head (Content-Length included), no body.
@@ -347,7 +348,9 @@ impl ConnTask {
     fn authorized(&self, head: &RequestHead) -> bool {
         let s = self.shard.borrow();
         let Some(key) = &s.cfg.api_key else {
-            return true;
+            // With [auth] the hub is meant to face the internet: without an API key its backend
+            // API stays closed (fail closed) rather than open to anyone.
+            return s.cfg.auth.is_none();
         };
         head.authorization
             .as_deref()
@@ -394,7 +397,11 @@ impl ConnTask {
         body: &[u8],
     ) -> Result<(), (u16, &'static str, String)> {
         if !self.authorized(head) {
-            return Err((401, "unauthorized", "missing or wrong bearer token".into()));
+            return Err((
+                401,
+                "unauthorized",
+                "missing or wrong bearer token (with [auth], the backend API needs api_key)".into(),
+            ));
         }
         let mut s = self.shard.borrow_mut();
         let (channel, data) = match protocol::parse_publish_body(body) {

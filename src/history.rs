@@ -160,8 +160,9 @@ impl Store {
     }
 
     /// Messages of `channel` after `since` (all kept ones when `None`), at most `limit`.
-    /// Reading an unknown channel creates its epoch (so a subscriber learns the epoch the
-    /// channel's first message will carry).
+    /// With `create`, reading an unknown channel creates its epoch (so a subscriber learns the
+    /// epoch the channel's first message will carry); without, it answers an empty page with an
+    /// empty epoch and keeps nothing.
     pub fn read(
         &mut self,
         channel: &str,
@@ -169,7 +170,17 @@ impl Store {
         limit: usize,
         opts: &HistoryOptions,
         now_ms: u64,
+        create: bool,
     ) -> Page {
+        if !create && !self.channels.contains_key(channel) {
+            // A mere reader of an unknown channel: an empty page, nothing kept.
+            return Page {
+                epoch: Arc::from(""),
+                top: 0,
+                messages: Vec::new(),
+                complete: since.unwrap_or(0) == 0,
+            };
+        }
         let h = self.live(channel, opts, now_ms);
         h.trim(opts, now_ms);
         let from = since.unwrap_or(0);
@@ -238,13 +249,13 @@ mod tests {
         assert_eq!((o1, o2, x1), (1, 2, 1));
         assert_eq!(e1, e2);
         assert_ne!(e1, ex, "epochs are random per channel");
-        let p = s.read("a", Some(0), 100, &o, 2);
+        let p = s.read("a", Some(0), 100, &o, 2, true);
         assert_eq!(p.top, 2);
         assert!(p.complete);
         assert_eq!(p.messages, vec![(1, b("1")), (2, b("2"))]);
-        let p = s.read("a", Some(1), 100, &o, 2);
+        let p = s.read("a", Some(1), 100, &o, 2, true);
         assert_eq!(p.messages, vec![(2, b("2"))]);
-        let p = s.read("a", Some(2), 100, &o, 2);
+        let p = s.read("a", Some(2), 100, &o, 2, true);
         assert!(p.messages.is_empty() && p.complete);
     }
 
@@ -255,14 +266,14 @@ mod tests {
         for i in 1..=5 {
             s.append("a", b(&i.to_string()), &o, i);
         }
-        let p = s.read("a", Some(1), 100, &o, 6);
+        let p = s.read("a", Some(1), 100, &o, 6, true);
         assert!(!p.complete, "2 was trimmed");
         let since = Since {
             offset: 1,
             epoch: p.epoch.to_string(),
         };
         assert_eq!(decide(&since, &p, 1000), Recovery::Reset);
-        let p = s.read("a", Some(2), 100, &o, 6);
+        let p = s.read("a", Some(2), 100, &o, 6, true);
         assert!(p.complete);
         assert_eq!(p.messages.len(), 3);
         let since = Since {
@@ -277,7 +288,7 @@ mod tests {
         };
         assert_eq!(decide(&other, &p, 1000), Recovery::Reset);
         // history_ttl: everything older than 60 s is gone.
-        let p = s.read("a", Some(2), 100, &o, 61_000);
+        let p = s.read("a", Some(2), 100, &o, 61_000, true);
         assert!(!p.complete && p.messages.is_empty());
         assert_eq!(p.top, 5, "the position survives the messages");
     }
@@ -302,12 +313,24 @@ mod tests {
         let mut s = Store::default();
         let o = opts(3);
         s.append("a", b("1"), &o, 0);
-        let p = s.read("a", Some(5), 10, &o, 1);
+        let p = s.read("a", Some(5), 10, &o, 1, true);
         let since = Since {
             offset: 5,
             epoch: p.epoch.to_string(),
         };
         assert_eq!(decide(&since, &p, 1000), Recovery::Reset);
+    }
+
+    #[test]
+    fn readers_do_not_create_channels() {
+        let mut s = Store::default();
+        let o = opts(3);
+        let p = s.read("nope", None, 10, &o, 0, false);
+        assert_eq!((p.top, &*p.epoch, p.messages.len()), (0, "", 0));
+        assert!(s.is_empty());
+        let p = s.read("nope", None, 10, &o, 0, true);
+        assert!(!p.epoch.is_empty());
+        assert_eq!(s.len(), 1);
     }
 
     #[test]

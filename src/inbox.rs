@@ -39,6 +39,8 @@ pub enum ShardMsg {
         channel: Arc<str>,
         since: Option<u64>,
         limit: usize,
+        /// Start the channel's epoch if it has none (subscribers; not mere readers).
+        create: bool,
         reply: futures_channel::oneshot::Sender<crate::history::Page>,
     },
     /// Shard `from` gained its first (`on`) or lost its last (`!on`) subscriber of `channel`.

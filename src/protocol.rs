@@ -715,7 +715,19 @@ pub fn write_numbered_message_json(dst: &mut BytesMut, channel: &str, offset: u6
     dst.extend_from_slice(MESSAGE_PREFIX);
     dst.extend_from_slice(channel.as_bytes());
     dst.extend_from_slice(NUMBERED_MIDDLE);
-    dst.extend_from_slice(offset.to_string().as_bytes());
+    // The decimal digits without allocating.
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = offset;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    dst.extend_from_slice(&digits[i..]);
     dst.extend_from_slice(NUMBERED_DATA);
     dst.extend_from_slice(data);
     dst.extend_from_slice(MESSAGE_SUFFIX);

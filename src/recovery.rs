@@ -41,8 +41,13 @@ pub struct Hold {
 /// Where a connection is in joining a history channel's live stream.
 #[derive(Debug)]
 pub enum HoldState {
-    /// The history read is in flight: live messages wait here (offset, epoch, frame).
-    Reading { held: Vec<(u64, Arc<str>, Bytes)> },
+    /// The history read is in flight: live messages wait here (offset, epoch, frame), in
+    /// arrival order (increasing within an epoch); `bytes` counts them against the
+    /// connection's outbox budget.
+    Reading {
+        held: Vec<(u64, Arc<str>, Bytes)>,
+        bytes: usize,
+    },
     /// The page went out up to `through`: skip live messages at or below it (same epoch).
     Skipping { through: u64, epoch: Arc<str> },
 }
@@ -82,12 +87,14 @@ fn text_frame(json: &str) -> Bytes {
 
 /// What a subscribe to a history channel waits for.
 pub(crate) struct PendingSubscribe {
-    key: usize,
+    pub(crate) key: usize,
     seq: u64,
     channel: Box<str>,
     id: Option<Box<RawValue>>,
     since: Option<Since>,
     opts: HistoryOptions,
+    /// Expiry of the channel token the subscribe came with.
+    channel_exp: Option<u64>,
 }
 
 impl Shard {
@@ -137,6 +144,7 @@ impl Shard {
     /// dropped; a new epoch first sends `reset` to the subscribers. (Gaps are the Redis layer's
     /// to repair before it calls this.)
     pub fn deliver_numbered(&mut self, channel: &str, data: &[u8], offset: u64, epoch: &Arc<str>) {
+        let subscribed = self.topics.subscriber_count(channel) > 0;
         let mut reset = false;
         match self.positions.get_mut(channel) {
             Some((e, last)) if **e == **epoch => {
@@ -149,30 +157,43 @@ impl Shard {
                 *pos = (epoch.clone(), offset);
                 reset = true;
             }
-            None => {
+            None if subscribed => {
                 self.positions
                     .insert(Box::from(channel), (epoch.clone(), offset));
             }
+            None => {}
         }
-        if self.topics.subscriber_count(channel) == 0 {
+        if !subscribed {
             return;
         }
-        let reset_frame = reset.then(|| text_frame(&protocol::reset(channel, epoch, offset - 1)));
+        let mut reset_frame: Option<Bytes> = None;
         let frame = numbered_frame(channel, offset, data);
         let limit = self.cfg.max_queued_bytes;
         let mut delivered = 0u64;
-        let keys: Vec<usize> = self.topics.subscribers(channel).collect();
-        for key in keys {
-            if self.conns[key].phase != Phase::Open {
+        let Shard {
+            topics,
+            conns,
+            holds,
+            dirty,
+            slow,
+            ..
+        } = self;
+        for key in topics.subscribers(channel) {
+            let c = &mut conns[key];
+            if c.phase != Phase::Open {
                 continue;
             }
             let mut send_reset = reset;
-            if !self.holds.is_empty() {
-                if let Some(holds) = self.holds.get_mut(&key) {
-                    if let Some(i) = holds.iter().position(|h| *h.channel == *channel) {
-                        match &mut holds[i].state {
-                            HoldState::Reading { held } => {
+            if !holds.is_empty() {
+                if let Some(hs) = holds.get_mut(&key) {
+                    if let Some(i) = hs.iter().position(|h| *h.channel == *channel) {
+                        match &mut hs[i].state {
+                            HoldState::Reading { held, bytes } => {
+                                *bytes += frame.len() + crate::shard::FRAME_OVERHEAD;
                                 held.push((offset, epoch.clone(), frame.clone()));
+                                if *bytes > limit {
+                                    slow.push(key);
+                                }
                                 continue;
                             }
                             HoldState::Skipping { through, epoch: e } => {
@@ -180,12 +201,14 @@ impl Shard {
                                     if offset <= *through {
                                         continue;
                                     }
+                                    // The connection joined this epoch: nothing to reset.
+                                    send_reset = false;
                                 } else {
                                     send_reset = true;
                                 }
-                                holds.swap_remove(i);
-                                if holds.is_empty() {
-                                    self.holds.remove(&key);
+                                hs.swap_remove(i);
+                                if hs.is_empty() {
+                                    holds.remove(&key);
                                 }
                             }
                         }
@@ -193,15 +216,20 @@ impl Shard {
                 }
             }
             if send_reset {
-                if let Some(f) = &reset_frame {
-                    self.queue_or_cut(key, f.clone(), limit);
-                } else {
-                    let f = text_frame(&protocol::reset(channel, epoch, offset - 1));
-                    self.queue_or_cut(key, f, limit);
+                let f = reset_frame
+                    .get_or_insert_with(|| {
+                        text_frame(&protocol::reset(channel, epoch, offset.saturating_sub(1)))
+                    })
+                    .clone();
+                if !Shard::enqueue(c, key, f, limit, dirty) {
+                    slow.push(key);
+                    continue;
                 }
             }
-            if self.queue_or_cut(key, frame.clone(), limit) {
+            if Shard::enqueue(c, key, frame.clone(), limit, dirty) {
                 delivered += 1;
+            } else {
+                slow.push(key);
             }
         }
         if reset {
@@ -220,7 +248,17 @@ impl Shard {
         id: Option<&RawValue>,
         since: Option<Since>,
         opts: HistoryOptions,
+        channel_exp: Option<u64>,
     ) {
+        if self.topics.is_subscribed(key, channel) {
+            // Already subscribed: its live stream has no seam to make; acknowledged as any
+            // repeated subscribe is (the epoch came with the first one).
+            if let (Some(exp), Some(session)) = (channel_exp, self.conns[key].session.as_mut()) {
+                session.set_channel_exp(channel, exp);
+            }
+            self.send_text(key, &protocol::ack("subscribed", channel, id));
+            return;
+        }
         if !self.add_subscription(key, channel, id) {
             return;
         }
@@ -228,7 +266,10 @@ impl Shard {
         holds.retain(|h| *h.channel != *channel);
         holds.push(Hold {
             channel: Box::from(channel),
-            state: HoldState::Reading { held: Vec::new() },
+            state: HoldState::Reading {
+                held: Vec::new(),
+                bytes: 0,
+            },
         });
         let c = &mut self.conns[key];
         c.awaiting_ack = true;
@@ -239,6 +280,7 @@ impl Shard {
             id: id.map(|i| i.to_owned()),
             since,
             opts,
+            channel_exp,
         };
         if self.broker.subscription_pending(channel) {
             // Redis mode: read only once Redis confirmed the SUBSCRIBE (see the module doc).
@@ -294,6 +336,19 @@ impl Shard {
         limit: usize,
         opts: &HistoryOptions,
     ) -> Read {
+        self.start_read_with(channel, since, limit, opts, true)
+    }
+
+    /// [`Shard::start_read`]; `create`: start the channel's epoch when it has none (a subscriber
+    /// must learn the epoch the first message will carry; mere readers need not).
+    pub fn start_read_with(
+        &mut self,
+        channel: &str,
+        since: Option<u64>,
+        limit: usize,
+        opts: &HistoryOptions,
+        create: bool,
+    ) -> Read {
         self.metrics.history_reads += 1;
         if self.history_in_redis() {
             return match self.broker.read_history(channel, since, limit, opts) {
@@ -304,13 +359,14 @@ impl Shard {
         let owner = history::owner_shard(channel, self.peers.len());
         if owner == self.id {
             let now = crate::registry::unix_ms();
-            return Read::Ready(self.history.read(channel, since, limit, opts, now));
+            return Read::Ready(self.history.read(channel, since, limit, opts, now, create));
         }
         let (tx, rx) = futures_channel::oneshot::channel();
         self.peers[owner].push(ShardMsg::HistoryRead {
             channel: Arc::from(channel),
             since,
             limit,
+            create,
             reply: tx,
         });
         Read::Owner(rx)
@@ -322,13 +378,14 @@ impl Shard {
         channel: &str,
         since: Option<u64>,
         limit: usize,
+        create: bool,
         reply: futures_channel::oneshot::Sender<Page>,
     ) {
         let Some(opts) = self.policy.history(channel) else {
             return; // dropped sender: the reader sees an error
         };
         let now = crate::registry::unix_ms();
-        let _ = reply.send(self.history.read(channel, since, limit, &opts, now));
+        let _ = reply.send(self.history.read(channel, since, limit, &opts, now, create));
     }
 
     /// The page of a history subscribe arrived: reply, backlog, held messages, then live.
@@ -342,8 +399,15 @@ impl Shard {
             return;
         }
         let held = self.take_hold(key, &p.channel);
-        self.conns[key].awaiting_ack = false;
-        Shard::kick_conn(&mut self.conns[key]);
+        // Commands wait until every history subscribe of the connection is answered.
+        let still_reading = self.holds.get(&key).is_some_and(|hs| {
+            hs.iter()
+                .any(|h| matches!(h.state, HoldState::Reading { .. }))
+        });
+        if !still_reading {
+            self.conns[key].awaiting_ack = false;
+            Shard::kick_conn(&mut self.conns[key]);
+        }
         let id = p.id.as_deref();
         let page = match page {
             Ok(page) => page,
@@ -359,10 +423,22 @@ impl Shard {
                 return;
             }
         };
+        // A backlog that would not fit in the outbox (which would cut the client off, again at
+        // every retry) is not sent: the client reloads instead.
+        let backlog_bytes: usize = page
+            .messages
+            .iter()
+            .map(|(_, d)| d.len() + 64 + crate::shard::FRAME_OVERHEAD)
+            .sum();
+        let fits = backlog_bytes <= self.cfg.max_queued_bytes / 2;
+        let max_recovery = self.cfg.max_recovery;
         let recovery = p
             .since
             .as_ref()
-            .map(|s| history::decide(s, &page, self.cfg.max_recovery));
+            .map(|s| match history::decide(s, &page, max_recovery) {
+                Recovery::Complete if !fits => Recovery::Reset,
+                r => r,
+            });
         let reply = protocol::subscribed_history(
             &p.channel,
             id,
@@ -389,11 +465,9 @@ impl Shard {
         // Live messages that arrived during the read, in order, above the page.
         let mut through = page.top;
         let mut epoch = page.epoch.clone();
-        let mut held = held;
-        held.sort_by_key(|(o, _, _)| *o);
         for (offset, e, frame) in held {
             if *e != *epoch {
-                let f = text_frame(&protocol::reset(&p.channel, &e, offset - 1));
+                let f = text_frame(&protocol::reset(&p.channel, &e, offset.saturating_sub(1)));
                 self.queue_or_cut(key, f, limit);
                 epoch = e;
             } else if offset <= through {
@@ -402,14 +476,20 @@ impl Shard {
             through = offset;
             self.queue_or_cut(key, frame, limit);
         }
-        self.holds.entry(key).or_default().push(Hold {
-            channel: p.channel.clone(),
-            state: HoldState::Skipping { through, epoch },
-        });
-        if let Some(exp) = self.pending_channel_exp.remove(&(key, p.channel.clone())) {
-            if let Some(session) = self.conns[key].session.as_mut() {
-                session.set_channel_exp(&p.channel, exp);
-            }
+        // Skip what is still in flight at or below `through` — unless the shard itself is
+        // already past it in this epoch (then its own de-duplication covers it).
+        let covered = self
+            .positions
+            .get(&*p.channel)
+            .is_some_and(|(e, last)| **e == *epoch && *last >= through);
+        if !covered {
+            self.holds.entry(key).or_default().push(Hold {
+                channel: p.channel.clone(),
+                state: HoldState::Skipping { through, epoch },
+            });
+        }
+        if let (Some(exp), Some(session)) = (p.channel_exp, self.conns[key].session.as_mut()) {
+            session.set_channel_exp(&p.channel, exp);
         }
         self.flush_slow();
     }
@@ -427,7 +507,7 @@ impl Shard {
             self.holds.remove(&key);
         }
         match hold.state {
-            HoldState::Reading { held } => held,
+            HoldState::Reading { held, .. } => held,
             HoldState::Skipping { .. } => Vec::new(),
         }
     }
@@ -463,22 +543,35 @@ impl Shard {
         };
         let subscribed = self.topics.is_subscribed(key, channel);
         let user = self.user_of(key);
-        if let Err(d) =
-            crate::auth::namespaces::check_access(rules.history_access, user, subscribed, "history")
-        {
+        if let Err(d) = self.policy.check_history(channel, user, subscribed) {
             return self.send_denial(key, id, d);
         }
         let limit = limit.unwrap_or(opts.size).min(opts.size);
-        let read = self.start_read(channel, since, limit, &opts);
+        let read = self.start_read_with(channel, since, limit, &opts, false);
+        let budget = self.cfg.max_queued_bytes / 2;
         let seq = self.conns[key].seq;
         let channel: Box<str> = Box::from(channel);
         let id = id.map(|i| i.to_owned());
         let reply = move |s: &mut Shard, page: Result<Page, BrokerError>| {
-            if s.conns.get(key).is_none_or(|c| c.seq != seq) {
+            if s.conns
+                .get(key)
+                .is_none_or(|c| c.seq != seq || c.phase != Phase::Open)
+            {
                 return;
             }
             match page {
-                Ok(p) => {
+                Ok(mut p) => {
+                    // At most half the outbox budget per reply; the client pages with `since`.
+                    let mut size = 0;
+                    let keep = p
+                        .messages
+                        .iter()
+                        .take_while(|(_, d)| {
+                            size += d.len() + 32;
+                            size <= budget
+                        })
+                        .count();
+                    p.messages.truncate(keep.max(1));
                     let json = protocol::history_reply(
                         &channel,
                         id.as_deref(),
@@ -564,7 +657,7 @@ pub async fn http_history(shard: &ShardRef, query: Option<&str>) -> (u16, Vec<u8
             );
         };
         let limit = limit.unwrap_or(opts.size).min(opts.size);
-        s.start_read(&channel, since, limit, &opts)
+        s.start_read_with(&channel, since, limit, &opts, false)
     };
     match read.page().await {
         Ok(p) => (

@@ -198,6 +198,11 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
             None
         }
     };
+    if config.auth.is_some() && config.api_key.is_none() {
+        tracing::warn!(
+            "[auth] is on but api_key is not set: POST /publish, /send, /disconnect and GET /history are refused until it is"
+        );
+    }
     if config.allowed_origins.is_empty() && config.auth.is_some() {
         tracing::warn!("allowed_origins is not set: browser pages from any origin may connect");
     }

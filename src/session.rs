@@ -187,7 +187,10 @@ impl Shard {
                 self.send_error(key, None, ErrorCode::InvalidChannel, &msg);
                 continue;
             }
-            self.subscribe(key, &channel, None, None);
+            match self.policy.history(&channel) {
+                Some(opts) => self.subscribe_history(key, &channel, None, None, opts, None),
+                None => self.subscribe(key, &channel, None, None),
+            }
         }
     }
 
@@ -336,7 +339,8 @@ impl Shard {
         let Some(auth) = self.cfg.auth.as_ref() else {
             return;
         };
-        let grace = auth.expiry_grace.as_secs();
+        // Tokens are accepted up to `leeway` after `exp`: never close one sooner than that.
+        let grace = auth.expiry_grace.max(auth.leeway).as_secs();
         let now = now_secs();
         let mut late = Vec::new();
         let mut expired = Vec::new();
@@ -382,6 +386,9 @@ impl Shard {
             }
             if let Some(s) = self.conns[key].session.as_mut() {
                 s.channel_exp.retain(|(c, _)| *c != channel);
+            }
+            if !self.holds.is_empty() {
+                self.drop_holds(key, Some(&channel));
             }
             let notice = protocol::unsubscribed_notice(&channel, "token expired");
             self.send_text(key, &notice);

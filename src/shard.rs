@@ -220,9 +220,9 @@ pub struct Shard {
     /// Wakes the sweep early during shutdown (so the shard exits as soon as it is drained).
     sweep_waker: Option<Waker>,
     /// Connections that overflowed during the current fan-out (closed right after it).
-    slow: Vec<usize>,
+    pub(crate) slow: Vec<usize>,
     /// Connections with output queued since the last flush.
-    dirty: Vec<usize>,
+    pub(crate) dirty: Vec<usize>,
     /// Wakes the flusher when the dirty list becomes non-empty.
     flusher_waker: Option<Waker>,
     /// Scratch iovec array for `sendmsg` (reused).
@@ -243,8 +243,6 @@ pub struct Shard {
     pub holds: HashMap<usize, Vec<crate::recovery::Hold>>,
     /// History subscribes waiting for the bus to confirm their channel.
     pub(crate) pending_history: HashMap<Box<str>, Vec<crate::recovery::PendingSubscribe>>,
-    /// Channel-token expiries of history subscribes still reading.
-    pub(crate) pending_channel_exp: HashMap<(usize, Box<str>), u64>,
     /// The shard's own handle, for the few cold-path tasks it spawns (a `connect` waiting for
     /// the JWKS). Set right after construction.
     pub this: std::rc::Weak<RefCell<Shard>>,
@@ -305,7 +303,6 @@ impl Shard {
             positions: HashMap::new(),
             holds: HashMap::new(),
             pending_history: HashMap::new(),
-            pending_channel_exp: HashMap::new(),
             this: std::rc::Weak::new(),
         }
     }
@@ -463,8 +460,11 @@ impl Shard {
         if !self.holds.is_empty() {
             self.drop_holds(key, None);
         }
-        if !self.pending_channel_exp.is_empty() {
-            self.pending_channel_exp.retain(|(k, _), _| *k != key);
+        if !self.pending_history.is_empty() {
+            for waiting in self.pending_history.values_mut() {
+                waiting.retain(|p| p.key != key);
+            }
+            self.pending_history.retain(|_, w| !w.is_empty());
         }
         let c = self.conns.remove(key);
         if let Some(session) = &c.session {
@@ -493,7 +493,7 @@ impl Shard {
     /// Queue a frame for one connection. Returns false when the connection's budget is exceeded
     /// (the caller closes it as a slow consumer). The connection is put on the dirty list; the
     /// flusher writes it when the current task yields.
-    fn enqueue(
+    pub(crate) fn enqueue(
         c: &mut Conn,
         key: usize,
         frame: Bytes,
@@ -766,7 +766,7 @@ impl Shard {
         }
         match cmd {
             Command::Publish { channel, data, id } => {
-                if !self.policy.is_open() {
+                if !self.policy.is_open() || channel.starts_with('$') {
                     let subscribed = self.topics.is_subscribed(key, &channel);
                     let user = self.user_of(key);
                     if let Err(d) = self.policy.check_publish(&channel, user, subscribed) {
@@ -813,11 +813,7 @@ impl Shard {
                     }
                 }
                 if let Some(opts) = self.policy.history(&channel) {
-                    if let Some(exp) = channel_exp {
-                        self.pending_channel_exp
-                            .insert((key, Box::from(&*channel)), exp);
-                    }
-                    self.subscribe_history(key, &channel, id, since, opts);
+                    self.subscribe_history(key, &channel, id, since, opts, channel_exp);
                 } else {
                     self.subscribe(key, &channel, id, channel_exp);
                 }
@@ -1074,8 +1070,9 @@ impl Shard {
                     channel,
                     since,
                     limit,
+                    create,
                     reply,
-                } => self.serve_history_read(&channel, since, limit, reply),
+                } => self.serve_history_read(&channel, since, limit, create, reply),
                 ShardMsg::Interest { from, channel, on } => {
                     self.broker.peer_interest(from, channel, on)
                 }

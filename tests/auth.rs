@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 
 const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+/// With `[auth]`, the backend API needs an API key.
+const API_KEY: &str = "auth-test-api-key";
 
 fn key_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -77,6 +79,7 @@ fn auth_hub(shards: usize, tweak: impl FnOnce(&mut Config)) -> Hub {
     Hub::start(|c| {
         c.shards = shards;
         c.auth = Some(hmac_auth());
+        c.api_key = Some(API_KEY.into());
         tweak(c);
     })
 }
@@ -145,7 +148,9 @@ fn upgrade(addr: SocketAddr, path: &str, headers: &[(&'static str, &str)]) -> Re
 /// Publish from the backend API.
 fn backend_publish(addr: SocketAddr, channel: &str, data: Value) {
     let body = json!({"channel": channel, "data": data}).to_string();
-    let (status, resp) = http(addr, "POST", "/publish", &[], body.as_bytes());
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("Authorization", auth.as_str())];
+    let (status, resp) = http(addr, "POST", "/publish", &headers, body.as_bytes());
     assert_eq!(status, 200, "{resp}");
 }
 
@@ -216,6 +221,7 @@ fn public_key_families() {
     ] {
         let hub = Hub::start(|c| {
             c.shards = 1;
+            c.api_key = Some(API_KEY.into());
             c.auth = Some(AuthConfig {
                 public_key_files: vec![key_path(public)],
                 ..AuthConfig::default()
@@ -258,6 +264,7 @@ fn hand_signed(header: &Value, payload: &Value, secret: &[u8]) -> String {
 fn hostile_tokens_get_their_codes_and_the_shard_keeps_serving() {
     let hub = Hub::start(|c| {
         c.shards = 1;
+        c.api_key = Some(API_KEY.into());
         c.auth = Some(AuthConfig {
             secret: Some(SECRET.into()),
             public_key_files: vec![key_path("rsa_public.pem")],
@@ -492,6 +499,7 @@ fn permission_matrix() {
     let hub = Hub::start(|c| {
         c.shards = 2;
         c.max_subscriptions = 100;
+        c.api_key = Some(API_KEY.into());
         c.auth = Some(AuthConfig {
             anonymous_connect: true,
             ..hmac_auth()
@@ -531,12 +539,15 @@ fn permission_matrix() {
                     assert_eq!(r["code"], "permission_denied", "{r}");
                 }
                 // Publish (as a subscriber when the subscribe worked).
-                let may_publish = match p {
-                    Access::None => false,
-                    Access::Subscribers => subscribed,
-                    Access::Authenticated => authenticated,
-                    Access::Anonymous => true,
-                };
+                // On private (`token`) channels only subscribers may publish, whatever the rule.
+                let private_ok = *s != SubscribeRule::Token || subscribed;
+                let may_publish = private_ok
+                    && match p {
+                        Access::None => false,
+                        Access::Subscribers => subscribed,
+                        Access::Authenticated => authenticated,
+                        Access::Anonymous => true,
+                    };
                 c.send_json(json!({"type":"publish","channel":channel,"data":1,"id":"p"}));
                 let r = recv_reply(c);
                 assert_eq!(
@@ -740,6 +751,34 @@ fn token_channels_are_subscribed_at_connect() {
 }
 
 #[test]
+fn without_an_api_key_the_backend_api_is_closed() {
+    let hub = Hub::start(|c| {
+        c.shards = 1;
+        c.auth = Some(hmac_auth());
+    });
+    for (method, path, body) in [
+        ("POST", "/publish", r#"{"channel":"a","data":1}"#),
+        ("POST", "/send", r#"{"user":"1","data":1}"#),
+        ("POST", "/disconnect", r#"{"user":"1"}"#),
+        ("GET", "/history?channel=a", ""),
+    ] {
+        let (status, text) = http(hub.addr, method, path, &[], body.as_bytes());
+        assert_eq!(status, 401, "{method} {path}: {text}");
+        assert!(text.contains("api_key"), "{text}");
+    }
+    // Open mode without a key: open, as before.
+    let hub = Hub::start(|c| c.shards = 1);
+    let (status, _) = http(
+        hub.addr,
+        "POST",
+        "/publish",
+        &[],
+        br#"{"channel":"a","data":1}"#,
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn open_mode_is_unchanged_and_refuses_private_channels() {
     let hub = Hub::start(|c| c.shards = 1);
     let mut c = Client::connect(hub.addr);
@@ -847,6 +886,7 @@ fn jwks_lookup_rotation_flood_and_outage() {
     let url = format!("http://{}/.well-known/jwks.json", jwks.addr);
     let hub = Hub::start(|c| {
         c.shards = 1;
+        c.api_key = Some(API_KEY.into());
         c.auth = Some(AuthConfig {
             jwks_url: Some(url),
             ..AuthConfig::default()

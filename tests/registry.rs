@@ -634,6 +634,7 @@ fn a_sigkilled_instances_ids_leave_the_users_sets() {
             secret: Some(SECRET.into()),
             ..Default::default()
         });
+        c.api_key = Some("registry-test-api-key".into());
     });
     let sid = instance_of(&survivor);
     let url = redis.url();
@@ -651,6 +652,8 @@ fn a_sigkilled_instances_ids_leave_the_users_sets() {
         "30s",
         "--auth-secret",
         SECRET,
+        "--api-key",
+        "registry-test-api-key",
     ]);
     let vid = victim.instance.clone();
     for addr in [survivor.addr, victim.addr] {
@@ -712,7 +715,8 @@ fn a_sigkilled_instances_ids_leave_the_users_sets() {
         vec!["42".to_string()]
     );
     let body = json!({"user": "42", "data": "still here"}).to_string();
-    let (status, reply) = http(survivor.addr, "POST", "/send", &[], body.as_bytes());
+    let key = [("Authorization", "Bearer registry-test-api-key")];
+    let (status, reply) = http(survivor.addr, "POST", "/send", &key, body.as_bytes());
     assert_eq!(
         (status, reply.as_str()),
         (200, r#"{"ok":true,"connections":1}"#)

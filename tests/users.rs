@@ -96,7 +96,10 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, Value) {
         addr,
         "POST",
         path,
-        &[("Content-Type", "application/json")],
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer users-test-api-key"),
+        ],
         body.as_bytes(),
     );
     let v = serde_json::from_str(&text)
@@ -157,7 +160,10 @@ fn redis_hub(redis: &RedisServer, auth: bool) -> Hub {
         c.heartbeat_ttl = Duration::from_secs(5);
         c.connection_ttl = Duration::from_secs(60);
         if auth {
-            c.auth = Some(auth_config());
+            {
+                c.auth = Some(auth_config());
+                c.api_key = Some("users-test-api-key".into());
+            }
         }
     });
     eventually(WAIT, "the hub to become ready", || {
@@ -357,7 +363,10 @@ fn disconnect_by_connection_closes_it_with_the_code_and_reason() {
 
 #[test]
 fn send_and_disconnect_by_user_reach_every_shard() {
-    let hub = Hub::start(|c| c.auth = Some(auth_config()));
+    let hub = Hub::start(|c| {
+        c.auth = Some(auth_config());
+        c.api_key = Some("users-test-api-key".into());
+    });
     let mut mine = connect_as_on_each_shard(hub.addr, "42");
     mine.push(connect_as(hub.addr, "42"));
     let mut other = connect_as(hub.addr, "7");

@@ -286,12 +286,49 @@ impl Policy {
     }
 
     /// May a connection of `user` publish on `channel` (`subscribed`: it is subscribed to it)?
+    /// On private channels (`$…`, `token` namespaces) only subscribers may (their subscription
+    /// proved a channel token), and on user-limited channels only the listed users.
     pub fn check_publish(&self, channel: &str, user: &str, subscribed: bool) -> Result<(), Denial> {
-        if self.open {
+        if self.open && !channel.starts_with('$') {
             return Ok(());
         }
         let rules = self.rules(channel)?;
+        self.check_private(rules, channel, user, subscribed)?;
         check_access(rules.publish, user, subscribed, "publish")
+    }
+
+    /// May a connection of `user` read `channel`'s history with the client `history` command?
+    /// The namespace's `history` rule, plus the same private and user-limited restrictions as
+    /// publishing.
+    pub fn check_history(&self, channel: &str, user: &str, subscribed: bool) -> Result<(), Denial> {
+        let rules = self.rules(channel)?;
+        self.check_private(rules, channel, user, subscribed)?;
+        check_access(rules.history_access, user, subscribed, "history")
+    }
+
+    /// The restrictions of private and user-limited channels for actions other than subscribing.
+    fn check_private(
+        &self,
+        rules: &Rules,
+        channel: &str,
+        user: &str,
+        subscribed: bool,
+    ) -> Result<(), Denial> {
+        if (channel.starts_with('$') || rules.subscribe == SubscribeRule::Token) && !subscribed {
+            return Err(Denial::PermissionDenied(
+                "only subscribers (with a channel token) may do this on a private channel",
+            ));
+        }
+        if rules.user_limited {
+            if let Some((_, users)) = channel.rsplit_once('#') {
+                if user.is_empty() || !users.split(',').any(|u| u == user) {
+                    return Err(Denial::PermissionDenied(
+                        "this channel is limited to the users listed after its '#'",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -374,6 +411,11 @@ mod tests {
         assert_eq!(p.check_publish("a:b", "", false), Ok(()));
         assert!(p.check_subscribe("$private", "", false).is_err());
         assert_eq!(p.check_subscribe("$private", "", true), Ok(()));
+        assert!(
+            p.check_publish("$private", "", false).is_err(),
+            "not subscribed"
+        );
+        assert_eq!(p.check_publish("$private", "", true), Ok(()));
     }
 
     #[test]
@@ -416,7 +458,8 @@ mod tests {
         assert!(p.check_subscribe("priv:1", "7", false).is_err());
         assert_eq!(p.check_subscribe("priv:1", "7", true), Ok(()));
         assert!(p.check_publish("priv:1", "", true).is_err());
-        assert_eq!(p.check_publish("priv:1", "7", false), Ok(()));
+        assert!(p.check_publish("priv:1", "7", false).is_err(), "private: subscribers only");
+        assert_eq!(p.check_publish("priv:1", "7", true), Ok(()));
         assert!(p.check_subscribe("closed:1", "7", true).is_err());
         assert_eq!(p.check_publish("closed:1", "", false), Ok(()));
     }
@@ -429,6 +472,16 @@ mod tests {
         assert_eq!(p.check_subscribe("dm:#17,42", "17", false), Ok(()));
         assert_eq!(p.check_subscribe("dm:#17,42", "42", false), Ok(()));
         assert!(p.check_subscribe("dm:#17,42", "4", false).is_err());
+        assert_eq!(p.check_publish("dm:#17,42", "17", true), Ok(()));
+        assert!(
+            p.check_publish("dm:#17,42", "4", true).is_err(),
+            "not listed"
+        );
+        assert!(
+            p.check_history("dm:#17,42", "4", true).is_err(),
+            "not listed"
+        );
+        assert_eq!(p.check_history("dm:#17,42", "42", true), Ok(()));
         assert!(p.check_subscribe("dm:#17,42", "", false).is_err());
         assert!(p.check_subscribe("dm:#17,42", "1", false).is_err());
     }

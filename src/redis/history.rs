@@ -1204,7 +1204,7 @@ impl Shard {
                 .get_mut(&key)
                 .and_then(|hs| hs.iter_mut().find(|h| *h.channel == *channel));
             let send = match hold.map(|h| &mut h.state) {
-                Some(HoldState::Reading { held }) => {
+                Some(HoldState::Reading { held, .. }) => {
                     held.push((offset, epoch.clone(), frame.clone()));
                     false
                 }
