@@ -458,7 +458,10 @@ mod tests {
         assert!(p.check_subscribe("priv:1", "7", false).is_err());
         assert_eq!(p.check_subscribe("priv:1", "7", true), Ok(()));
         assert!(p.check_publish("priv:1", "", true).is_err());
-        assert!(p.check_publish("priv:1", "7", false).is_err(), "private: subscribers only");
+        assert!(
+            p.check_publish("priv:1", "7", false).is_err(),
+            "private: subscribers only"
+        );
         assert_eq!(p.check_publish("priv:1", "7", true), Ok(()));
         assert!(p.check_subscribe("closed:1", "7", true).is_err());
         assert_eq!(p.check_publish("closed:1", "", false), Ok(()));
