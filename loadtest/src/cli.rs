@@ -30,6 +30,31 @@ pub enum Command {
     Connect(ConnectArgs),
     /// Many idle connections: failures and memory per connection (hub and load generator).
     Idle(IdleArgs),
+    /// History recovery: subscribers on history channels are dropped and resubscribe with
+    /// `since` while publishers run; recovered %, messages recovered, recovery time, loss.
+    ///
+    /// Every subscriber subscribes to one channel `<--channel-prefix>load-<run>-<k>` (the prefix
+    /// must name a namespace with `history_size` > 0) and remembers the channel's epoch and the
+    /// last offset it received. Publishers publish at --rate on a fixed schedule, each message
+    /// with an `id` (over WebSocket, acknowledged by `published`) or as `POST /publish` (an
+    /// `http://` --publish-url, acknowledged by 200). After --warmup, subscribers are dropped
+    /// (--drop-every, --drop-fraction, --drop-mode), stay away for --down-time, reconnect and
+    /// subscribe with `"since":{"offset":<last received>,"epoch":…}`.
+    ///
+    /// Recovery time: from writing that subscribe until reading the message whose offset is the
+    /// reply's top (`offset`), i.e. the last message of the backlog; with an empty backlog
+    /// (top = since) until reading the reply. (If the message at the top never comes, the first
+    /// one after it ends the recovery; the live stream that follows is not waited for.) Only
+    /// replies with `recovered:true` have a recovery time; `reply time` is subscribe → reply for
+    /// every reconnect.
+    ///
+    /// Messages recovered: the backlog of a `recovered:true` reply, top − since. Loss and
+    /// duplicates: every message a publisher got acknowledged must reach every subscriber of
+    /// its channel exactly once, live or recovered, across all reconnects (checked per
+    /// (publisher, channel) by sequence number), except the messages of a `recovered:false`
+    /// window (top − since of that reply), which are counted as "not recoverable", not as lost.
+    /// Offsets are checked per subscriber too: once each, in order, across reconnects.
+    Reconnect(ReconnectArgs),
     /// Compare .hgrm files: percentiles side by side with ratios, and an SVG plot.
     Compare(CompareArgs),
 }
@@ -46,7 +71,8 @@ pub struct Common {
     )]
     pub urls: Vec<String>,
     /// URL(s) publishers connect to [default: --url]. With --subscribe-url on another instance
-    /// this measures cross-instance latency (e.g. through Redis).
+    /// this measures cross-instance latency (e.g. through Redis). `reconnect` also takes
+    /// `http://host:port`: publish with `POST /publish`.
     #[arg(long = "publish-url", value_delimiter = ',')]
     pub publish_urls: Vec<String>,
     /// URL(s) subscribers connect to [default: --url].
@@ -240,6 +266,10 @@ pub struct Traffic {
     /// the publisher id, sequence number and send time take.
     #[arg(long, default_value = "64", value_parser = parse_size)]
     pub payload_size: usize,
+    /// Text before every channel name (`h:` → `h:load-<run>-0`, …): a namespace of the hub, e.g.
+    /// one with history (then every message's offset is checked too).
+    #[arg(long, default_value = "", value_name = "PREFIX")]
+    pub channel_prefix: String,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -303,6 +333,81 @@ pub struct IdleArgs {
     /// Each connection subscribes to a channel of its own.
     #[arg(long)]
     pub subscribe: bool,
+}
+
+/// How `reconnect` drops a subscriber.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropMode {
+    /// A clean leave: WebSocket close (1000), messages still read until the hub's close, then
+    /// the TCP connection is closed.
+    Close,
+    /// Abrupt: the TCP connection is reset (RST) at once, no close frame; whatever is in flight
+    /// is lost (and recovered).
+    Abort,
+}
+
+impl DropMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropMode::Close => "close",
+            DropMode::Abort => "abort",
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ReconnectArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Subscriber connections, spread round-robin over the channels and the --url (or
+    /// --subscribe-url) instances.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Channels.
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    /// Text before every channel name: a namespace with history (`history_size` > 0), e.g.
+    /// `h:` → `h:load-<run>-0`, …
+    #[arg(long, value_name = "PREFIX")]
+    pub channel_prefix: String,
+    /// Publishers, each publishing round-robin over the channels; publisher p on the p-th
+    /// --publish-url (round-robin) [default: the --url list, so a single publisher is on the
+    /// first]; an `http://host:port` --publish-url publishes with `POST /publish`.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Total messages per second over all publishers, on a fixed schedule.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Size of each message's `data` JSON in bytes (at least ~40).
+    #[arg(long, default_value = "64", value_parser = parse_size)]
+    pub payload_size: usize,
+    /// Drop each subscriber once per this period, the drops staggered evenly over it; with
+    /// --drop-fraction, drop that fraction of the subscribers at once, once per period.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "T")]
+    pub drop_every: Duration,
+    /// Drop in waves: every --drop-every, this fraction (0 < F ≤ 1) of the subscribers at the
+    /// same moment (the next ones in turn).
+    #[arg(long, value_name = "F")]
+    pub drop_fraction: Option<f64>,
+    /// How a subscriber is dropped.
+    #[arg(long, value_enum, default_value_t = DropMode::Close)]
+    pub drop_mode: DropMode,
+    /// How long a dropped subscriber stays away before it reconnects (and between failed
+    /// reconnect attempts).
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub down_time: Duration,
+    /// Reconnect to the instance the subscriber left [default with several --url: the next
+    /// one, so that the backlog is read on another instance than the one it left].
+    #[arg(long)]
+    pub sticky: bool,
+    /// Bearer key for `POST /publish` (the hub's --api-key).
+    #[arg(
+        long,
+        env = "RINGHUB_LOAD_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
 }
 
 /// The y axis of the comparison plot.
@@ -407,6 +512,7 @@ mod tests {
             &["rooms", "--max"],
             &["connect"],
             &["idle"],
+            &["reconnect", "--channel-prefix", "h:"],
         ] {
             let cli = Cli::try_parse_from(["ringhub-load"].iter().chain(scenario).chain(&[
                 "--token-key",
@@ -426,6 +532,7 @@ mod tests {
                 Command::Rooms(a) => a.common.token,
                 Command::Connect(a) => a.common.token,
                 Command::Idle(a) => a.common.token,
+                Command::Reconnect(a) => a.common.token,
                 Command::Compare(_) => unreachable!(),
             };
             assert_eq!(t.token_alg, Some(Algorithm::ES256));
@@ -442,6 +549,43 @@ mod tests {
             ..TokenArgs::default()
         };
         assert!(!format!("{hidden:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn reconnect_flags() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["ringhub-load", "reconnect"].iter().chain(args.iter()))
+        };
+        assert!(parse(&[]).is_err(), "--channel-prefix is required");
+        let cli = parse(&[
+            "--channel-prefix",
+            "h:",
+            "--drop-mode",
+            "abort",
+            "--drop-every",
+            "500ms",
+            "--drop-fraction",
+            "0.5",
+            "--down-time",
+            "1s",
+            "--publish-url",
+            "http://127.0.0.1:1",
+        ])
+        .unwrap();
+        let Command::Reconnect(a) = cli.command else {
+            panic!("reconnect expected")
+        };
+        assert_eq!(a.drop_mode, DropMode::Abort);
+        assert_eq!(a.drop_every, Duration::from_millis(500));
+        assert_eq!(a.drop_fraction, Some(0.5));
+        assert_eq!(a.down_time, Duration::from_secs(1));
+        assert_eq!(a.common.publish_urls, ["http://127.0.0.1:1"]);
+        assert!(!a.sticky);
+        let Command::Reconnect(a) = parse(&["--channel-prefix", "h:"]).unwrap().command else {
+            panic!("reconnect expected")
+        };
+        assert_eq!((a.drop_mode, a.drop_fraction), (DropMode::Close, None));
+        assert_eq!(a.down_time, Duration::from_millis(200));
     }
 
     #[test]

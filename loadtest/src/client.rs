@@ -7,6 +7,10 @@
 //! frames are split off in place (no per-frame allocation in steady state) — and a [`Writer`]
 //! that encodes masked frames into one reused buffer and writes it with `write_all`.
 //! Every failure becomes a [`ConnError`] whose message tells the user what to do.
+//!
+//! [`subscribe`] returns each channel's [`Subscribed`] reply (epoch and top offset on history
+//! channels); [`abort`] makes a connection end with a TCP reset. A [`Target`] may also be an
+//! `http://` URL, for publishers that `POST /publish` ([`crate::http`]).
 
 use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
@@ -27,22 +31,37 @@ pub const CLOSE: OpCode = OpCode::Control(Control::Close);
 /// Base64 of the 16 bytes "ringhub-load/0.1" (any 16-byte nonce is valid for the server).
 const WS_KEY: &str = "cmluZ2h1Yi1sb2FkLzAuMQ==";
 
-/// Where to connect: a `ws://host:port/path` URL, resolved once.
+/// Where to connect: a `ws://host:port/path` URL (a hub's WebSocket endpoint) or an
+/// `http://host:port[/path]` one (a hub's `POST /publish`, path `/publish` by default), resolved
+/// once.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
-    host: String,
-    path: String,
+    /// `http://`: publish with `POST` requests instead of over a WebSocket.
+    pub http: bool,
+    pub host: String,
+    pub path: String,
 }
 
 impl Target {
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("unsupported URL {url:?}: expected ws://host:port/path"))?;
+        let (rest, http) = match (url.strip_prefix("ws://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            _ => {
+                return Err(format!(
+                    "unsupported URL {url:?}: expected ws://host:port/path (or, to publish over \
+                     HTTP, http://host:port)"
+                ))
+            }
+        };
         let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let path = if path.is_empty() { "/" } else { path };
+        let path = match path {
+            "" | "/" if http => "/publish",
+            "" => "/",
+            p => p,
+        };
         let has_port = host.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']'));
         let with_port = if has_port {
             host.to_string()
@@ -57,6 +76,7 @@ impl Target {
         Ok(Target {
             url: url.into(),
             addr,
+            http,
             host: host.into(),
             path: path.into(),
         })
@@ -270,7 +290,7 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 
 /// Open a TCP connection to `addr`, bound to `src` first when given (with
 /// IP_BIND_ADDRESS_NO_PORT, so the port is picked per destination at connect time).
-async fn connect(
+pub(crate) async fn connect(
     addr: SocketAddr,
     src: Option<IpAddr>,
     uring: bool,
@@ -371,6 +391,12 @@ pub async fn open(
     seed: u32,
     login: Login<'_>,
 ) -> Result<Conn, ConnError> {
+    if target.http {
+        return Err(ConnError::Handshake(format!(
+            "{} is an HTTP URL: only publishers of `reconnect` use one (POST /publish)",
+            target.url
+        )));
+    }
     let mut stream = connect(target.addr, src, uring).await?;
     let fd = stream.as_raw_fd();
     let query = match login {
@@ -593,28 +619,90 @@ impl Writer {
     }
 }
 
-/// Subscribe to each of `channels` (ids 1..) and wait for every confirmation.
-pub async fn subscribe(conn: &mut Conn, channels: &[String]) -> Result<(), ConnError> {
+/// What a `subscribed` reply says about a history channel (every field None on a channel
+/// without history).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The channel's epoch.
+    pub epoch: Option<String>,
+    /// The channel's top offset: the next message has `offset + 1`.
+    pub offset: Option<u64>,
+    /// Only in answer to a subscribe with `since`: whether the missed messages follow.
+    pub recovered: Option<bool>,
+    /// The `id` echoed, when it is a number.
+    pub id: Option<u64>,
+}
+
+impl Subscribed {
+    /// Parse a `subscribed` reply (None for any other frame). Setup path: uses serde_json.
+    pub fn parse(text: &[u8]) -> Option<Subscribed> {
+        if !is_type(text, "subscribed") {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(text).ok()?;
+        Some(Subscribed {
+            epoch: v.get("epoch").and_then(|e| e.as_str()).map(String::from),
+            offset: v.get("offset").and_then(|o| o.as_u64()),
+            recovered: v.get("recovered").and_then(|r| r.as_bool()),
+            id: v.get("id").and_then(|i| i.as_u64()),
+        })
+    }
+}
+
+/// Subscribe to each of `channels` (ids 1..) and wait for every confirmation; the replies in
+/// the order of `channels`.
+pub async fn subscribe(conn: &mut Conn, channels: &[String]) -> Result<Vec<Subscribed>, ConnError> {
     for (i, ch) in channels.iter().enumerate() {
         let cmd = serde_json::json!({"type": "subscribe", "channel": ch, "id": i + 1});
         conn.writer.push(TEXT, cmd.to_string().as_bytes());
     }
     conn.writer.flush().await?;
+    let mut replies = vec![None; channels.len()];
     let mut confirmed = 0;
     while confirmed < channels.len() {
         match conn.reader.next_frame().await? {
-            (TEXT, t) if is_type(&t, "subscribed") => confirmed += 1,
             (TEXT, t) => {
-                let got = String::from_utf8_lossy(&t[..t.len().min(200)]).into_owned();
-                return Err(ConnError::Protocol(format!(
-                    "subscribe answered with {got}"
-                )));
+                let got = || String::from_utf8_lossy(&t[..t.len().min(200)]).into_owned();
+                let Some(s) = Subscribed::parse(&t) else {
+                    return Err(ConnError::Protocol(format!(
+                        "subscribe answered with {}",
+                        got()
+                    )));
+                };
+                let slot = s
+                    .id
+                    .and_then(|id| replies.get_mut((id as usize).wrapping_sub(1)))
+                    .filter(|r| r.is_none())
+                    .ok_or_else(|| ConnError::Protocol(format!("unexpected reply {}", got())))?;
+                *slot = Some(s);
+                confirmed += 1;
             }
             (PING, p) => conn.writer.send(PONG, &p).await?,
             _ => {}
         }
     }
-    Ok(())
+    Ok(replies.into_iter().flatten().collect())
+}
+
+/// Abort a connection: the next close(2) of `fd` resets it (SO_LINGER 0: RST, no FIN, no
+/// WebSocket close), and a pending read on it completes now (shutdown of the reading side,
+/// which sends nothing to the peer).
+pub fn abort(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket of ours; the option buffer is a valid `linger`.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        libc::shutdown(fd, libc::SHUT_RD);
+    }
 }
 
 /// Whether a JSON text frame from the hub has `"type":"<ty>"` as its first field.

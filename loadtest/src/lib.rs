@@ -5,7 +5,13 @@
 //! - `rooms`: chat rooms, every member publishing ([`traffic`]);
 //! - `connect`: connections opened at a fixed rate, connect→welcome time ([`connect`]);
 //! - `idle`: many idle connections, memory per connection ([`idle`]);
+//! - `reconnect`: subscribers on history channels dropped and resubscribed with `since` while
+//!   publishers run (over WebSocket, or `POST /publish` through [`http`]): recovered %,
+//!   recovery time, loss across reconnects ([`reconnect`]);
 //! - `compare`: .hgrm files side by side and as an SVG plot ([`compare`]).
+//!
+//! Messages on history channels carry the hub's offset; every scenario that receives them
+//! checks, per connection and channel, that each arrives once and in order ([`track`]).
 //!
 //! Connections are spread over `--threads` monoio runtimes ([`worker`]), optionally pinned with
 //! `--cpus`, bound round-robin to `--source-ips`, and spread over the `--url` instances. With
@@ -19,7 +25,9 @@ pub mod cli;
 pub mod client;
 pub mod compare;
 pub mod connect;
+pub mod http;
 pub mod idle;
+pub mod reconnect;
 pub mod report;
 pub mod schedule;
 pub mod stats;
@@ -96,6 +104,18 @@ impl Prepared {
             fd_limit: raise_fd_limit(),
             auth,
         })
+    }
+
+    /// An error for an `http://` URL: scenarios other than `reconnect` speak WebSocket only.
+    pub fn require_ws(&self, scenario: &str) -> Result<(), String> {
+        match self.targets.iter().find(|t| t.http) {
+            Some(t) => Err(format!(
+                "{scenario}: {} is an http:// URL; only `reconnect` publishes over HTTP \
+                 (POST /publish): give ws:// URLs",
+                t.url
+            )),
+            None => Ok(()),
+        }
     }
 
     /// With auth on, one token for each of `n` connections (minted now, before the timed part).
@@ -204,11 +224,17 @@ pub fn raise_fd_limit() -> u64 {
 /// Run a load scenario and return its report (nothing printed but progress; no files
 /// written). `compare` is not a load scenario: use [`compare::run`].
 pub fn run_scenario(cmd: &Command) -> Result<Report, String> {
+    let ws = |scenario: &str, common: &Common| -> Result<Prepared, String> {
+        let prep = Prepared::new(common)?;
+        prep.require_ws(scenario)?;
+        Ok(prep)
+    };
     match cmd {
-        Command::Fanout(a) => traffic::fanout(a, &Prepared::new(&a.common)?),
-        Command::Rooms(a) => traffic::rooms(a, &Prepared::new(&a.common)?),
-        Command::Connect(a) => connect::run(a, &Prepared::new(&a.common)?),
-        Command::Idle(a) => idle::run(a, &Prepared::new(&a.common)?),
+        Command::Fanout(a) => traffic::fanout(a, &ws("fanout", &a.common)?),
+        Command::Rooms(a) => traffic::rooms(a, &ws("rooms", &a.common)?),
+        Command::Connect(a) => connect::run(a, &ws("connect", &a.common)?),
+        Command::Idle(a) => idle::run(a, &ws("idle", &a.common)?),
+        Command::Reconnect(a) => reconnect::run(a, &Prepared::new(&a.common)?),
         Command::Compare(_) => Err("compare is not a load scenario".into()),
     }
 }
@@ -225,6 +251,7 @@ pub fn run(cmd: Command) -> Result<(), String> {
         Command::Rooms(a) => &a.common,
         Command::Connect(a) => &a.common,
         Command::Idle(a) => &a.common,
+        Command::Reconnect(a) => &a.common,
         Command::Compare(_) => unreachable!("handled above"),
     };
     if let Some(path) = &common.hgrm {

@@ -9,6 +9,7 @@
 
 use crate::auth::Tokens;
 use crate::stats::{self, mono_ns, Closes, Tally, REPORTED};
+use crate::track::OffsetCounts;
 use crate::worker::Workers;
 use crate::Prepared;
 use hdrhistogram::Histogram;
@@ -150,6 +151,8 @@ pub struct Report {
     /// Latency samples in ns, and what they measure.
     pub latency: Histogram<u64>,
     pub latency_what: &'static str,
+    /// Label of the histogram's line in the text ("latency µs").
+    latency_label: &'static str,
     pub cpu: Option<Cpu>,
     /// Per-item unit of the CPU figures ("delivery", "connection").
     item: &'static str,
@@ -177,6 +180,7 @@ impl Report {
             deliveries: None,
             latency: stats::new_hist(),
             latency_what: "latency",
+            latency_label: "latency µs",
             cpu: None,
             item: "delivery",
             errors: json!({}),
@@ -325,6 +329,51 @@ impl Report {
         );
     }
 
+    /// The offset checks of history channels: a result line and `"offsets"` in the JSON;
+    /// warnings for offsets skipped, repeated or out of order, and for resets.
+    pub fn set_offsets(&mut self, o: &OffsetCounts) {
+        let mut v = serde_json::to_value(o).expect("plain counters");
+        v["missing"] = json!(o.missing());
+        self.json_extra("offsets", v);
+        if o.checked == 0 && o.resets == 0 {
+            self.line(
+                "offsets",
+                "not checked (no message carried one: channels without history)",
+            );
+            return;
+        }
+        self.line(
+            "offsets",
+            format!(
+                "{} checked (history channels, per connection and channel): {} gap(s) ({} never \
+                 arrived), {} duplicate(s), {} out of order, {} reset(s)",
+                o.checked,
+                o.gaps,
+                o.missing(),
+                o.duplicates,
+                o.out_of_order,
+                o.resets
+            ),
+        );
+        if o.gaps > 0 || o.duplicates > 0 || o.out_of_order > 0 {
+            self.warn(format!(
+                "offsets were not each received once and in order: {} skipped ({} never \
+                 arrived), {} duplicate(s), {} out of order",
+                o.gaps,
+                o.missing(),
+                o.duplicates,
+                o.out_of_order
+            ));
+        }
+        if o.resets > 0 {
+            self.warn(format!(
+                "the hub reset {} channel subscription(s) (`reset`: the channel's history was \
+                 lost and a new epoch began)",
+                o.resets
+            ));
+        }
+    }
+
     pub fn warn(&mut self, w: impl Into<String>) {
         self.warnings.push(w.into());
     }
@@ -332,6 +381,11 @@ impl Report {
     pub fn set_latency(&mut self, h: Histogram<u64>, what: &'static str) {
         self.latency = h;
         self.latency_what = what;
+    }
+
+    /// The main histogram measures something else than a latency: its label in the text.
+    pub fn set_latency_label(&mut self, label: &'static str) {
+        self.latency_label = label;
     }
 
     pub fn set_deliveries(&mut self, d: Deliveries) {
@@ -513,7 +567,7 @@ impl Report {
             .collect();
         lat.push(format!("max {}", stats::us(h.max())));
         put2(
-            "latency µs",
+            self.latency_label,
             &format!(
                 "{}  ({} samples; {})",
                 lat.join("  "),

@@ -13,7 +13,16 @@
 //! Loss is not guessed from gaps here: the run's expected deliveries are Σ over channels of
 //! publishes written × subscriptions the hub confirmed, and `lost = expected − unique
 //! deliveries` (messages missing at the tail of a stream leave no gap, but are still counted).
+//!
+//! History channels add a second, independent check: the hub numbers every message of such a
+//! channel (`"offset"`: 1, 2, 3, … per channel, the same for every subscriber), so each
+//! connection expects, per channel, every offset after the top its `subscribed` reply gave,
+//! exactly once and in order. [`Offsets`] runs the same [`Stream`] logic over offsets and
+//! restarts a channel where the hub says the numbering continues elsewhere (a `reset` frame, a
+//! recovery that answered `recovered:false`); [`OffsetCounts`] keeps gaps, duplicates,
+//! out-of-order offsets and resets apart.
 
+use serde::Serialize;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -33,15 +42,32 @@ pub enum Seen {
     Duplicate,
 }
 
-/// One (publisher, channel) stream as seen by one subscriber.
+/// One (publisher, channel) stream as seen by one subscriber (or one channel's offsets).
 #[derive(Debug, Default, Clone)]
 pub struct Stream {
+    /// The first number expected (0 for sequence numbers; top + 1 for offsets).
+    first: u64,
     next: u64,
     /// Half-open ranges `[a, b)` of numbers below `next` not seen yet, ascending.
     missing: Vec<(u64, u64)>,
 }
 
 impl Stream {
+    /// A stream whose numbers continue after `last` (an offset stream after a top offset).
+    pub fn after(last: u64) -> Stream {
+        Stream {
+            first: last + 1,
+            next: last + 1,
+            missing: Vec::new(),
+        }
+    }
+
+    /// The highest number seen, or the one the stream started after (None: a sequence stream
+    /// that has seen nothing).
+    pub fn last(&self) -> Option<u64> {
+        self.next.checked_sub(1)
+    }
+
     pub fn observe(&mut self, s: u64) -> Seen {
         if s >= self.next {
             let skipped = s - self.next;
@@ -81,7 +107,7 @@ impl Stream {
 
     /// Distinct numbers seen.
     pub fn unique(&self) -> u64 {
-        self.next - self.missing()
+        self.next - self.first - self.missing()
     }
 }
 
@@ -156,6 +182,80 @@ impl Tracker {
     /// Distinct messages delivered over all streams.
     pub fn unique(&self) -> u64 {
         self.streams.values().map(Stream::unique).sum()
+    }
+}
+
+/// The offsets of the history channels one connection hears, per channel index.
+#[derive(Default)]
+pub struct Offsets {
+    chans: HashMap<u32, Stream, BuildHasherDefault<KeyHasher>>,
+}
+
+impl Offsets {
+    /// Expect the offsets of `channel` to continue after `top` (a `subscribed` reply's top, a
+    /// `reset`, a recovery answered with `recovered:false`), forgetting what came before.
+    pub fn restart(&mut self, channel: u32, top: u64) {
+        self.chans.insert(channel, Stream::after(top));
+    }
+
+    /// Account a message of `channel` carrying `offset`. On a channel without a known top the
+    /// first offset starts the stream.
+    pub fn observe(&mut self, channel: u32, offset: u64) -> Seen {
+        self.chans
+            .entry(channel)
+            .or_insert_with(|| Stream::after(offset.saturating_sub(1)))
+            .observe(offset)
+    }
+
+    /// The highest offset seen on `channel`, or the top it (re)started after: what a
+    /// resubscribe passes as `since`.
+    pub fn last(&self, channel: u32) -> Option<u64> {
+        self.chans.get(&channel).and_then(Stream::last)
+    }
+}
+
+/// Totals of the offset checks (history channels).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OffsetCounts {
+    /// Messages that carried an offset.
+    pub checked: u64,
+    /// Offsets skipped at the moment a later one arrived (some may arrive late).
+    pub gaps: u64,
+    /// Offsets that arrived after a later one of their channel (each fills a gap).
+    pub out_of_order: u64,
+    /// Offsets seen twice on one connection.
+    pub duplicates: u64,
+    /// `reset` frames: the channel's epoch was lost and its offsets restarted.
+    pub resets: u64,
+}
+
+impl OffsetCounts {
+    pub fn add(&mut self, seen: Seen) {
+        self.checked += 1;
+        match seen {
+            Seen::InOrder { skipped } => self.gaps += skipped,
+            Seen::Late => self.out_of_order += 1,
+            Seen::Duplicate => self.duplicates += 1,
+        }
+    }
+
+    /// Offsets skipped that never arrived.
+    pub fn missing(&self) -> u64 {
+        self.gaps.saturating_sub(self.out_of_order)
+    }
+
+    /// Whether every offset arrived once and in order, without a reset.
+    pub fn clean(&self) -> bool {
+        self.gaps == 0 && self.out_of_order == 0 && self.duplicates == 0 && self.resets == 0
+    }
+
+    pub fn absorb(&mut self, o: &mut OffsetCounts) {
+        let o = std::mem::take(o);
+        self.checked += o.checked;
+        self.gaps += o.gaps;
+        self.out_of_order += o.out_of_order;
+        self.duplicates += o.duplicates;
+        self.resets += o.resets;
     }
 }
 
@@ -273,5 +373,83 @@ mod tests {
         assert_eq!(c.duplicates, 100);
         assert_eq!(st.unique(), n);
         assert_eq!(st.missing(), 0);
+    }
+
+    fn offsets(seq: &[u64], top: u64) -> (OffsetCounts, Offsets) {
+        let mut o = Offsets::default();
+        o.restart(7, top);
+        let mut c = OffsetCounts::default();
+        for &x in seq {
+            c.add(o.observe(7, x));
+        }
+        (c, o)
+    }
+
+    #[test]
+    fn offsets_in_order_after_the_subscribe_top() {
+        let (c, o) = offsets(&[41, 42, 43], 40);
+        assert!(c.clean(), "{c:?}");
+        assert_eq!(c.checked, 3);
+        assert_eq!(o.last(7), Some(43));
+        assert_eq!(o.last(8), None, "a channel never heard");
+        // A first offset above top + 1 is a gap: the subscriber missed the message at top + 1.
+        let (c, _) = offsets(&[42, 43], 40);
+        assert_eq!((c.gaps, c.missing()), (1, 1));
+    }
+
+    #[test]
+    fn offset_gaps_duplicates_and_reorders_are_apart() {
+        // 3 skipped (gap of 1), 5 and 6 swapped, 6 again, 4 twice.
+        let (c, o) = offsets(&[1, 2, 4, 4, 6, 5, 6, 7], 0);
+        assert_eq!(c.checked, 8);
+        assert_eq!(c.gaps, 2, "3 missing at 4, 5 missing at 6");
+        assert_eq!(c.out_of_order, 1, "5 after 6");
+        assert_eq!(c.duplicates, 2, "4 and 6 twice");
+        assert_eq!(c.missing(), 1, "3 never came");
+        assert_eq!(c.resets, 0);
+        assert_eq!(o.last(7), Some(7));
+    }
+
+    #[test]
+    fn a_reset_restarts_a_channel_and_only_that_one() {
+        let mut o = Offsets::default();
+        let mut c = OffsetCounts::default();
+        o.restart(1, 0);
+        o.restart(2, 10);
+        for (ch, x) in [(1, 1), (1, 2), (2, 11), (1, 3)] {
+            c.add(o.observe(ch, x));
+        }
+        // Channel 1's epoch is lost: the hub sends reset with top 0, numbering starts over.
+        o.restart(1, 0);
+        c.resets += 1;
+        for (ch, x) in [(1, 1), (1, 2), (2, 12)] {
+            c.add(o.observe(ch, x));
+        }
+        assert_eq!(c.resets, 1);
+        assert_eq!(
+            (c.gaps, c.duplicates, c.out_of_order),
+            (0, 0, 0),
+            "1 and 2 again after the reset are not duplicates"
+        );
+        assert!(!c.clean(), "a reset is reported");
+        assert_eq!((o.last(1), o.last(2)), (Some(2), Some(12)));
+        // Without the reset the same offsets are duplicates.
+        let (c, _) = offsets(&[1, 2, 1, 2], 0);
+        assert_eq!(c.duplicates, 2);
+    }
+
+    #[test]
+    fn an_offset_stream_counts_unique_from_its_start() {
+        let mut st = Stream::after(100);
+        assert_eq!(st.last(), Some(100));
+        assert_eq!(st.observe(101), Seen::InOrder { skipped: 0 });
+        assert_eq!(st.observe(103), Seen::InOrder { skipped: 1 });
+        assert_eq!(
+            st.observe(100),
+            Seen::Duplicate,
+            "at or below the start top"
+        );
+        assert_eq!(st.unique(), 2);
+        assert_eq!(Stream::default().last(), None);
     }
 }

@@ -17,6 +17,11 @@
 //! ([`crate::track`]). Expected deliveries are Σ over channels of publishes written × the
 //! subscriptions the hub confirmed, so "delivered 100%" is checked, not assumed.
 //!
+//! On history channels (`--channel-prefix` naming a namespace with history) messages also carry
+//! the hub's `offset`: each connection checks, per channel, that the offsets after its
+//! `subscribed` reply's top arrive once each and in order ([`crate::track::Offsets`]); a `reset`
+//! frame restarts that channel's check and is counted.
+//!
 //! With auth on, connection `j` authenticates with token `j` (minted before setup) and is set
 //! up only once the hub answered `connected`; publishing over WebSocket then needs the hub to
 //! let authenticated clients publish (`[channels] publish = "authenticated"`).
@@ -27,7 +32,7 @@ use crate::client::{self, Conn, ConnError, Reader, Target, Writer, PING, PONG, T
 use crate::report::{Cpu, CpuProbe, Deliveries, Report};
 use crate::schedule::Schedule;
 use crate::stats::{mono_ns, new_hist, us, Closes, Tally};
-use crate::track::{SeqCounts, Tracker};
+use crate::track::{OffsetCounts, Offsets, SeqCounts, Tracker};
 use crate::worker::{Live, PreciseTimer, Signal};
 use crate::Prepared;
 use bytes::Bytes;
@@ -118,8 +123,8 @@ struct Plan {
     targets: Vec<Target>,
     pub_targets: Vec<usize>,
     sub_targets: Vec<usize>,
-    /// Channel names are `{prefix}{index}`; the prefix carries a run id so that concurrent
-    /// runs against one hub do not hear each other.
+    /// Channel names are `{prefix}{index}`; the prefix (`--channel-prefix` + `load-<run id>-`)
+    /// carries a run id so that concurrent runs against one hub do not hear each other.
     prefix: String,
     pad: String,
     warmup_ns: u64,
@@ -186,6 +191,8 @@ struct Counts {
     live: i64,
     publishers_done: u64,
     seq: SeqCounts,
+    /// Offset checks on history channels.
+    offsets: OffsetCounts,
     /// Deliveries that arrived inside the measurement window (for deliveries/s).
     window_deliveries: u64,
     /// Messages for a channel the connection did not subscribe to, or unparseable.
@@ -219,6 +226,7 @@ impl Counts {
         self.live += take(&mut o.live);
         self.publishers_done += take(&mut o.publishers_done);
         self.seq.absorb(&mut o.seq);
+        self.offsets.absorb(&mut o.offsets);
         self.window_deliveries += take(&mut o.window_deliveries);
         self.unexpected += take(&mut o.unexpected);
         for (d, s) in self.subs.iter_mut().zip(o.subs.iter_mut()) {
@@ -294,11 +302,13 @@ impl Ctx {
 
 /// The fields of a delivered load message.
 #[derive(Debug, PartialEq, Eq)]
-struct Msg {
-    chan: usize,
-    p: u32,
-    s: u64,
-    t: u64,
+pub(crate) struct Msg {
+    pub chan: usize,
+    pub p: u32,
+    pub s: u64,
+    pub t: u64,
+    /// The hub's offset (history channels only).
+    pub offset: Option<u64>,
 }
 
 /// A byte cursor for the message scanner.
@@ -351,10 +361,10 @@ impl Scan<'_> {
     }
 }
 
-/// Parse a delivery `{"type":"message","channel":"<prefix>C","data":{"p":P,"s":S,"t":T,…}}`
-/// in place. The hub's exact layout is the fast path; whitespace and another order of the
-/// top-level keys (servers that re-serialise) are accepted too.
-fn parse_message(b: &[u8], prefix: &[u8]) -> Option<Msg> {
+/// Parse a delivery `{"type":"message","channel":"<prefix>C"[,"offset":O],"data":{"p":P,"s":S,
+/// "t":T,…}}` in place. The hub's exact layout is the fast path; whitespace and another order of
+/// the top-level keys (servers that re-serialise) are accepted too.
+pub(crate) fn parse_message(b: &[u8], prefix: &[u8]) -> Option<Msg> {
     if !b.starts_with(br#"{"type":"message""#) && client::find(b, br#""message""#).is_none() {
         return None;
     }
@@ -365,6 +375,16 @@ fn parse_message(b: &[u8], prefix: &[u8]) -> Option<Msg> {
     sc.lit(prefix)?;
     let chan = sc.num()? as usize;
     sc.lit(b"\"")?;
+    // The hub puts the offset right after the channel; elsewhere only if re-serialised (our
+    // data object has no "offset" key, so a match is the top-level one).
+    let offset = match sc.lit(b",").and_then(|_| sc.field(b"offset")) {
+        Some(o) => Some(o),
+        None if b.starts_with(br#"{"type":"message""#) => None,
+        None => client::find(b, br#""offset""#).and_then(|at| {
+            let mut sc = Scan { b, i: at };
+            sc.field(b"offset")
+        }),
+    };
     let mut sc = Scan { b, i: 0 };
     sc.after(br#""data""#)?;
     sc.lit(b":")?;
@@ -374,15 +394,49 @@ fn parse_message(b: &[u8], prefix: &[u8]) -> Option<Msg> {
     let s = sc.field(b"s")?;
     sc.lit(b",")?;
     let t = sc.field(b"t")?;
-    Some(Msg { chan, p, s, t })
+    Some(Msg {
+        chan,
+        p,
+        s,
+        t,
+        offset,
+    })
+}
+
+/// The channel index and top offset of a `reset` frame
+/// (`{"type":"reset","channel":"<prefix>C","recovered":false,"epoch":…,"offset":N}`), and its
+/// epoch.
+pub(crate) fn parse_reset(b: &[u8], prefix: &[u8]) -> Option<(usize, u64, String)> {
+    if !client::is_type(b, "reset") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+    let chan = v["channel"]
+        .as_str()?
+        .strip_prefix(std::str::from_utf8(prefix).ok()?)?
+        .parse()
+        .ok()?;
+    Some((chan, v["offset"].as_u64()?, v["epoch"].as_str()?.into()))
+}
+
+/// What a connection has seen: its (publisher, channel) streams and, on history channels, the
+/// offsets per channel.
+#[derive(Default)]
+struct Heard {
+    streams: Tracker,
+    offsets: Offsets,
 }
 
 /// Account one text frame that arrived at `arrived`; the publisher id of a valid message.
-fn on_text(ctx: &Ctx, track: &mut Tracker, subs: &Subs, text: &[u8], arrived: u64) -> Option<u32> {
+fn on_text(ctx: &Ctx, heard: &mut Heard, subs: &Subs, text: &[u8], arrived: u64) -> Option<u32> {
     let mut l = ctx.local.borrow_mut();
     let plan = &ctx.plan;
     let Some(m) = parse_message(text, plan.prefix.as_bytes()) else {
-        if client::is_type(text, "error") {
+        if let Some((chan, top, _)) = parse_reset(text, plan.prefix.as_bytes()) {
+            // The channel's history (epoch) was lost: its offsets start over after `top`.
+            heard.offsets.restart(chan as u32, top);
+            l.counts.offsets.resets += 1;
+        } else if client::is_type(text, "error") {
             let code = error_code(text);
             l.counts.errors.add(&format!("hub error {code}"), || {
                 String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned()
@@ -407,8 +461,13 @@ fn on_text(ctx: &Ctx, track: &mut Tracker, subs: &Subs, text: &[u8], arrived: u6
         });
         return None;
     }
-    let seen = track.observe(m.p, m.chan as u32, m.s);
-    l.counts.seq.add(seen);
+    let s = heard.streams.observe(m.p, m.chan as u32, m.s);
+    l.counts.seq.add(s);
+    if let Some(o) = m.offset {
+        l.counts
+            .offsets
+            .add(heard.offsets.observe(m.chan as u32, o));
+    }
     let latency = arrived.saturating_sub(m.t).max(1);
     let warm_end = ctx.shared.start_ns.load(Relaxed) + plan.warmup_ns;
     if arrived >= warm_end && arrived < warm_end + plan.measure_ns {
@@ -422,7 +481,7 @@ fn on_text(ctx: &Ctx, track: &mut Tracker, subs: &Subs, text: &[u8], arrived: u6
 }
 
 /// The `"code"` of a hub error frame (`?` when absent).
-fn error_code(text: &[u8]) -> String {
+pub(crate) fn error_code(text: &[u8]) -> String {
     let mut sc = Scan { b: text, i: 0 };
     let code = (|| {
         sc.after(br#""code""#)?;
@@ -457,13 +516,13 @@ async fn read_loop(
     st: &PubState,
     subs: &Subs,
     own: Option<u32>,
+    mut heard: Heard,
 ) -> Result<(), ConnError> {
-    let mut track = Tracker::default();
     loop {
         let (op, payload) = reader.next_frame().await?;
         match op {
             TEXT => {
-                let p = on_text(ctx, &mut track, subs, &payload, reader.read_ns);
+                let p = on_text(ctx, &mut heard, subs, &payload, reader.read_ns);
                 if p.is_some() && p == own {
                     st.in_flight.set(st.in_flight.get().saturating_sub(1));
                     st.wake.notify();
@@ -632,16 +691,16 @@ async fn conn_task(ctx: Rc<Ctx>, j: usize) {
         let login = auth::login(plan.tokens.as_deref(), j);
         let mut conn = client::open(target, src, plan.uring, CHUNK, seed, login).await?;
         let names: Vec<String> = channels.iter().map(|&c| plan.channel_name(c)).collect();
-        client::subscribe(&mut conn, &names).await?;
-        Ok(conn)
+        let replies = client::subscribe(&mut conn, &names).await?;
+        Ok((conn, replies))
     };
     let res = monoio::time::timeout(SETUP_TIMEOUT, setup)
         .await
         .unwrap_or(Err(ConnError::Timeout));
     ctx.in_setup.set(ctx.in_setup.get() - 1);
     ctx.setup_slot.notify();
-    let conn: Conn = match res {
-        Ok(conn) => conn,
+    let (conn, replies): (Conn, _) = match res {
+        Ok(r) => r,
         Err(e) => {
             let mut l = ctx.local.borrow_mut();
             l.counts.setup_failed += 1;
@@ -673,7 +732,14 @@ async fn conn_task(ctx: Rc<Ctx>, j: usize) {
             None
         }
     };
-    let res = read_loop(&ctx, &mut reader, &st, &role.subs, own).await;
+    // History channels: offsets continue after the top each reply gave.
+    let mut heard = Heard::default();
+    for (&c, r) in channels.iter().zip(&replies) {
+        if let Some(top) = r.offset {
+            heard.offsets.restart(c as u32, top);
+        }
+    }
+    let res = read_loop(&ctx, &mut reader, &st, &role.subs, own, heard).await;
     st.ended.set(true);
     st.wake.notify();
     ctx.local.borrow_mut().counts.live -= 1;
@@ -803,7 +869,7 @@ pub fn rooms(a: &RoomsArgs, prep: &Prepared) -> Result<Report, String> {
 }
 
 /// A run id for channel names: differs between runs and processes.
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     let x = mono_ns() ^ (u64::from(std::process::id()) << 40);
     format!("{:06x}", (x ^ (x >> 24)) & 0xff_ffff)
 }
@@ -842,7 +908,7 @@ fn run(
         targets: prep.targets.clone(),
         pub_targets: prep.pub_targets.clone(),
         sub_targets: prep.sub_targets.clone(),
-        prefix: format!("load-{}-", run_id()),
+        prefix: format!("{}load-{}-", t.channel_prefix, run_id()),
         pad: "x".repeat(t.payload_size.saturating_sub(DATA_OVERHEAD)),
         warmup_ns: c.warmup.as_nanos() as u64,
         measure_ns: c.duration.as_nanos() as u64,
@@ -1139,6 +1205,7 @@ fn report(
             ),
         );
     }
+    r.set_offsets(&c.offsets);
     r.lag(
         "send lag µs",
         "send_lag_us",
@@ -1204,7 +1271,8 @@ mod tests {
                 chan: 17,
                 p: 3,
                 s: 99,
-                t: 123456789
+                t: 123456789,
+                offset: None
             })
         );
         assert_eq!(
@@ -1223,9 +1291,25 @@ mod tests {
                 chan: 2,
                 p: 1,
                 s: 2,
-                t: 3
+                t: 3,
+                offset: None
             })
         );
+    }
+
+    #[test]
+    fn parses_offsets_and_resets_of_history_channels() {
+        let p = b"h:load-ab12cd-";
+        let b = br#"{"type":"message","channel":"h:load-ab12cd-4","offset":42,"data":{"p":1,"s":7,"t":9,"x":""}}"#;
+        let m = parse_message(b, p).unwrap();
+        assert_eq!((m.chan, m.p, m.s, m.offset), (4, 1, 7, Some(42)));
+        // Re-serialised, offset last.
+        let b = br#"{"data":{"p":1,"s":7,"t":9},"channel":"h:load-ab12cd-4","type":"message","offset": 43}"#;
+        assert_eq!(parse_message(b, p).unwrap().offset, Some(43));
+        let reset = br#"{"type":"reset","channel":"h:load-ab12cd-4","recovered":false,"epoch":"e2","offset":3}"#;
+        assert_eq!(parse_reset(reset, p), Some((4, 3, "e2".into())));
+        assert_eq!(parse_reset(reset, b"h:load-ffffff-"), None, "another run");
+        assert_eq!(parse_message(reset, p), None);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! reports' counts are checked against what was sent (and, with the two halves of a fan-out
 //! on two unconnected instances, that loss is detected rather than assumed away). With auth on
 //! (a hub with `[auth]`), the hub's own metrics confirm that every connection authenticated.
+//! On a hub with a history namespace, `fanout` checks offsets and `reconnect` drops and
+//! resubscribes with `since`: recovered, not recoverable (a tiny `max_recovery`), over
+//! WebSocket and over `POST /publish`.
 
 use jsonwebtoken::Algorithm;
 use ringhub::auth::namespaces::{Access, NamespaceRules};
@@ -9,7 +12,8 @@ use ringhub::auth::AuthConfig;
 use ringhub::config::Config;
 use ringhub::server::{self, ServerHandle};
 use ringhub_load::cli::{
-    Command, Common, ConnectArgs, FanoutArgs, IdleArgs, RoomsArgs, TokenIn, Traffic,
+    Command, Common, ConnectArgs, DropMode, FanoutArgs, IdleArgs, ReconnectArgs, RoomsArgs,
+    TokenIn, Traffic,
 };
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -97,7 +101,56 @@ fn open_loop(rate: f64) -> Traffic {
         max: false,
         window: None,
         payload_size: 64,
+        channel_prefix: String::new(),
     }
+}
+
+/// A hub whose namespace `h` keeps 100,000 messages per channel; `max_recovery` as given.
+fn history_hub(max_recovery: usize) -> (ServerHandle, String) {
+    let mut cfg = config();
+    cfg.shards = 2;
+    cfg.max_recovery = max_recovery;
+    cfg.namespaces.named.insert(
+        "h".into(),
+        NamespaceRules {
+            history_size: Some(100_000),
+            ..Default::default()
+        },
+    );
+    start(cfg)
+}
+
+/// `reconnect` on `h:` channels: 1 publisher, drops every `drop_every_ms`, back after
+/// `down_ms`.
+fn reconnect_args(
+    url: &str,
+    subscribers: usize,
+    drop_every_ms: u64,
+    down_ms: u64,
+) -> ReconnectArgs {
+    ReconnectArgs {
+        common: common(url, 200, 2000),
+        subscribers,
+        channels: 1,
+        channel_prefix: "h:".into(),
+        publishers: 1,
+        rate: 200.0,
+        payload_size: 64,
+        drop_every: Duration::from_millis(drop_every_ms),
+        drop_fraction: None,
+        drop_mode: DropMode::Close,
+        down_time: Duration::from_millis(down_ms),
+        sticky: false,
+        api_key: None,
+    }
+}
+
+/// The report's warnings, less those about CPU contention (tests run in parallel).
+fn warnings(r: &ringhub_load::report::Report) -> Vec<&String> {
+    r.warnings
+        .iter()
+        .filter(|w| !w.contains("waited for a CPU") && !w.contains("may have been the bottleneck"))
+        .collect()
 }
 
 fn stop(h: ServerHandle) {
@@ -150,6 +203,7 @@ fn rooms_closed_loop_accounts_every_member() {
             max: true,
             window: Some(4),
             payload_size: 100,
+            channel_prefix: String::new(),
         },
         rooms: 8,
         members: 3,
@@ -294,6 +348,7 @@ fn rooms_with_tokens_in_the_url() {
             max: true,
             window: Some(4),
             payload_size: 64,
+            channel_prefix: String::new(),
         },
         rooms: 4,
         members: 3,
@@ -407,5 +462,224 @@ fn tokens_sent_to_an_open_hub_are_reported_as_not_checked() {
         "{}",
         r.text()
     );
+    stop(h);
+}
+
+#[test]
+fn fanout_on_a_history_channel_checks_every_offset() {
+    let (h, url) = history_hub(1000);
+    let mut traffic = open_loop(200.0);
+    traffic.channel_prefix = "h:".into();
+    let args = FanoutArgs {
+        common: common(&url, 200, 800),
+        traffic,
+        subscribers: 20,
+        channels: 2,
+        publishers: 2,
+    };
+    let r = ringhub_load::run_scenario(&Command::Fanout(args)).expect("fanout runs");
+    let d = r.deliveries.clone().unwrap();
+    assert_eq!(d.publishes_sent, 200);
+    assert_eq!(d.delivered, 200 * 10, "{}", r.text());
+    assert_eq!((d.lost, d.duplicates, d.reordered), (0, 0, 0));
+    let o = &r.to_json()["offsets"];
+    assert_eq!(o["checked"], 2000, "every delivery carried an offset: {o}");
+    for k in ["gaps", "missing", "duplicates", "out_of_order", "resets"] {
+        assert_eq!(o[k], 0, "{k}: {o}");
+    }
+    assert!(
+        r.text().contains(" 2000 checked (history channels"),
+        "{}",
+        r.text()
+    );
+    assert!(warnings(&r).is_empty(), "{}", r.text());
+    // Channels without history: nothing to check, and said so.
+    let (h2, url2) = hub();
+    let args = FanoutArgs {
+        common: common(&url2, 0, 300),
+        traffic: open_loop(100.0),
+        subscribers: 2,
+        channels: 1,
+        publishers: 1,
+    };
+    let r = ringhub_load::run_scenario(&Command::Fanout(args)).expect("fanout runs");
+    assert_eq!(r.to_json()["offsets"]["checked"], 0);
+    assert!(
+        r.text().contains(" not checked (no message carried one"),
+        "{}",
+        r.text()
+    );
+    stop(h);
+    stop(h2);
+}
+
+#[test]
+fn reconnect_recovers_every_missed_message_exactly_once() {
+    let (h, url) = history_hub(1000);
+    // 50 subscribers, each dropped every 0.9 s during 2 s: twice each (the second drop of the
+    // last ones would reconnect after the end and is not made).
+    let args = reconnect_args(&url, 50, 900, 200);
+    let r = ringhub_load::run_scenario(&Command::Reconnect(args)).expect("reconnect runs");
+    let text = r.text();
+    let j = r.to_json();
+    let rc = &j["reconnect"];
+    let d = r.deliveries.clone().unwrap();
+    // 200 msg/s for 2.2 s on a fixed schedule, every publish acknowledged.
+    assert_eq!(d.publishes_sent, 440, "{text}");
+    assert_eq!(rc["publishes_acknowledged"], 440);
+    let drops = rc["drops"].as_u64().unwrap();
+    assert!((50..=100).contains(&drops), "once or twice each: {text}");
+    assert_eq!(rc["drops_skipped"], 0, "{text}");
+    assert_eq!(rc["reconnects"], drops, "every drop reconnected: {text}");
+    assert_eq!(rc["replies"], drops);
+    assert_eq!(rc["recovered"], drops);
+    assert_eq!(rc["recovered_pct"], 100.0);
+    assert_eq!(rc["not_recoverable"], 0);
+    assert_eq!(rc["incomplete"], 0);
+    // Away ≥ 200 ms at 200 msg/s: about 40 messages missed per reconnect, all recovered.
+    let m = &rc["messages_recovered"];
+    assert!(m["p50"].as_u64().unwrap() >= 38, "{text}");
+    assert_eq!(
+        m["total"], m["received"],
+        "every backlog message arrived: {text}"
+    );
+    assert!(m["total"].as_u64().unwrap() >= 38 * drops);
+    // End to end: every acknowledged message reached every subscriber once, live or recovered.
+    assert_eq!(d.expected, 440 * 50);
+    assert_eq!(d.delivered, d.expected, "{text}");
+    assert_eq!((d.lost, d.duplicates, d.reordered), (0, 0, 0), "{text}");
+    assert_eq!((d.unexpected, d.extra), (0, 0));
+    let o = &j["offsets"];
+    assert_eq!(o["checked"], d.received);
+    for k in ["gaps", "duplicates", "out_of_order", "resets"] {
+        assert_eq!(o[k], 0, "{k}: {text}");
+    }
+    // One recovery time per reconnect, in the main histogram (what --hgrm writes).
+    assert_eq!(r.latency.len(), drops, "{text}");
+    assert_eq!(rc["recovery_time_us"]["samples"], drops);
+    assert!(j["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(j["latency_us"]["measures"]
+        .as_str()
+        .unwrap()
+        .starts_with("recovery time"));
+    assert_eq!((r.error_count, r.close_count), (0, 0), "{text}");
+    assert!(warnings(&r).is_empty(), "{text}");
+    assert!(text.contains("recovered       "), "{text}");
+    assert!(text.contains("(100.000%)"), "{text}");
+    assert!(text.contains("recovery µs"), "{text}");
+    stop(h);
+}
+
+#[test]
+fn reconnect_beyond_max_recovery_is_not_recoverable_not_lost() {
+    // The hub recovers at most 2 messages; away 400 ms at 200 msg/s misses about 80.
+    let (h, url) = history_hub(2);
+    let mut args = reconnect_args(&url, 20, 1000, 400);
+    args.drop_mode = DropMode::Abort;
+    let r = ringhub_load::run_scenario(&Command::Reconnect(args)).expect("reconnect runs");
+    let text = r.text();
+    let rc = &r.to_json()["reconnect"];
+    let d = r.deliveries.clone().unwrap();
+    let replies = rc["replies"].as_u64().unwrap();
+    assert!(replies >= 20, "{text}");
+    assert_eq!(rc["not_recoverable"], replies, "{text}");
+    assert_eq!(rc["recovered"], 0);
+    assert_eq!(rc["recovered_pct"], 0.0);
+    assert_eq!(rc["unaccounted_subscribers"], 0);
+    let window = rc["not_recoverable_messages"].as_u64().unwrap();
+    assert!(window >= 70 * replies, "{text}");
+    // The windows are left out of what is owed, so nothing is silently lost or doubled.
+    assert_eq!(d.expected, 440 * 20 - window, "{text}");
+    assert_eq!(d.delivered, d.expected, "{text}");
+    assert_eq!((d.lost, d.duplicates), (0, 0), "{text}");
+    assert_eq!(
+        r.to_json()["offsets"]["gaps"],
+        0,
+        "windows restart the offsets"
+    );
+    assert!(r.latency.is_empty(), "no recovery time without recovery");
+    assert!(
+        text.contains(&format!(
+            "{window} message(s) in {replies} recovered:false window(s)"
+        )),
+        "{text}"
+    );
+    assert!(
+        r.warnings.iter().any(|w| w.contains("not recoverable")),
+        "{text}"
+    );
+    assert!(
+        !r.warnings.iter().any(|w| w.contains("did not arrive")),
+        "{text}"
+    );
+    stop(h);
+}
+
+#[test]
+fn reconnect_with_http_publishers_and_waves() {
+    let (h, url) = history_hub(1000);
+    let addr = url.trim_start_matches("ws://").trim_end_matches("/ws");
+    let mut args = reconnect_args(&url, 30, 800, 150);
+    args.common.publish_urls = vec![format!("http://{addr}")];
+    args.publishers = 2;
+    args.channels = 3;
+    args.drop_fraction = Some(0.5);
+    args.drop_mode = DropMode::Abort;
+    let r = ringhub_load::run_scenario(&Command::Reconnect(args)).expect("reconnect runs");
+    let text = r.text();
+    let j = r.to_json();
+    let rc = &j["reconnect"];
+    let d = r.deliveries.clone().unwrap();
+    assert_eq!(j["setup"]["publishers_http"], 2);
+    assert_eq!(rc["publishes_acknowledged"], 440, "{text}");
+    // Waves at 0.6 s and 1.4 s after the start (the one at 2.2 s would reconnect after the
+    // end), 15 subscribers each.
+    assert_eq!(rc["drops"], 30, "{text}");
+    assert_eq!(rc["recovered"], 30, "{text}");
+    assert_eq!(d.delivered, d.expected, "{text}");
+    assert_eq!(d.expected, 440 * 10);
+    assert_eq!((d.lost, d.duplicates, d.reordered), (0, 0, 0), "{text}");
+    assert_eq!(j["offsets"]["gaps"], 0);
+    assert_eq!(r.error_count, 0, "{text}");
+    stop(h);
+}
+
+#[test]
+fn reconnect_with_auth_authenticates_every_connection() {
+    let mut cfg = config();
+    cfg.auth = Some(AuthConfig {
+        secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    });
+    cfg.namespaces.named.insert(
+        "h".into(),
+        NamespaceRules {
+            publish: Some(Access::Authenticated),
+            history_size: Some(100_000),
+            ..Default::default()
+        },
+    );
+    let (h, url) = start(cfg);
+    let mut args = reconnect_args(&url, 10, 1000, 100);
+    args.common = with_secret(args.common, SECRET);
+    let r = ringhub_load::run_scenario(&Command::Reconnect(args)).expect("reconnect runs");
+    let text = r.text();
+    let j = r.to_json();
+    let rc = &j["reconnect"];
+    let d = r.deliveries.clone().unwrap();
+    let reconnects = rc["reconnects"].as_u64().unwrap();
+    assert!(reconnects >= 10, "{text}");
+    assert_eq!(rc["recovered"], reconnects, "{text}");
+    assert_eq!(d.delivered, d.expected, "{text}");
+    assert_eq!((d.lost, d.duplicates), (0, 0), "{text}");
+    assert_eq!(j["auth"]["authenticated"], 11);
+    assert_eq!(j["setup"]["auth"]["tokens"], 11);
+    // The publisher, the 10 subscribers, and every reconnect (with the subscriber's token).
+    assert_eq!(
+        metric(&h, "ringhub_auth_successes_total"),
+        11 + reconnects,
+        "{text}"
+    );
+    assert!(warnings(&r).is_empty(), "{text}");
     stop(h);
 }
