@@ -44,7 +44,7 @@ const EXACT_ROWS: [f64; 6] = [0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999];
 
 /// `hist` (ns) as the standard HdrHistogram percentile distribution text, values in µs: the
 /// rows of `iter_quantiles(5)` (what HdrHistogram's `outputPercentileDistribution` prints)
-/// plus exact rows at [`EXACT_ROWS`], then the `#[Mean…]`, `#[Max…]` and `#[Buckets…]` footer.
+/// plus exact rows at `EXACT_ROWS`, then the `#[Mean…]`, `#[Max…]` and `#[Buckets…]` footer.
 pub fn hgrm_text(hist: &Histogram<u64>) -> String {
     // (quantile, value ns, count at or below the value)
     let mut rows: Vec<(f64, u64, u64)> = Vec::new();
