@@ -70,8 +70,9 @@ runs=(
   "connect|ES256|--config $out/cfg/auth.toml|ringhub|connect --rate 2000 --warmup 1s --duration 3s --token-key $keys/ec_private.pem --token-alg ES256"
 )
 if "$load" --help 2>/dev/null | grep -qE '^\s+reconnect\b'; then
-  runs+=("reconnect|history|--config $out/cfg/history.toml|ringhub|reconnect --subscribers 1000 --rate 200 --duration $dur --warmup 1s")
-  runs+=("redis-reconnect|history|--config $out/cfg/history.toml|ringhub-redis|reconnect --subscribers 1000 --rate 200 --duration $dur --warmup 1s")
+  rc="reconnect --channel-prefix h: --subscribers 1000 --channels 10 --rate 200 --drop-every 1s --down-time 200ms --duration $dur --warmup 1s"
+  runs+=("reconnect|history|--config $out/cfg/history.toml|ringhub|$rc")
+  runs+=("redis-reconnect|history|--config $out/cfg/history.toml|ringhub-redis|$rc")
 fi
 
 {

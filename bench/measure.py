@@ -88,7 +88,28 @@ def from_summary(j):
     c = j.get("counts", {})
     cpu = j.get("cpu", {})
     lat = j.get("latency_us", {})
-    if j.get("scenario") == "fanout":
+    if j.get("scenario") == "reconnect":
+        rc = j.get("reconnect", {})
+        r["deliveries"] = c.get("delivered")
+        r["expected"] = c.get("expected")
+        if c.get("expected"):
+            r["delivered_pct"] = c["delivered"] * 100.0 / c["expected"]
+        for k in ("lost", "duplicates"):
+            r[k] = c.get(k)
+        r["reconnects"] = rc.get("reconnects")
+        r["recovered_pct"] = rc.get("recovered_pct")
+        rt = rc.get("recovery_time_us", {})
+        r["recovery_p50_us"] = rt.get("p50")
+        r["recovery_p99_us"] = rt.get("p99")
+        mr = rc.get("messages_recovered", {})
+        r["messages_recovered"] = mr.get("total")
+        r["reconnect_summary"] = (
+            f"{rc.get('reconnects')} reconnects, recovered {rc.get('recovered_pct', 0):.1f}%, "
+            f"{mr.get('total')} messages recovered (p50 {mr.get('p50')}/reconnect), "
+            f"recovery p50 {rt.get('p50', 0):.0f} µs p99 {rt.get('p99', 0):.0f} µs, "
+            f"lost {c.get('lost')}, duplicates {c.get('duplicates')}"
+        )
+    elif j.get("scenario") == "fanout":
         r["deliveries"] = c.get("delivered")
         r["window_deliveries"] = c.get("deliveries_in_window")
         r["deliveries_per_s"] = j.get("deliveries_per_s")
