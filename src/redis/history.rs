@@ -985,7 +985,7 @@ fn live(
             // Every subscriber has it already (its page, the shard's position, or a `reset` past
             // it).
             Some((e, last)) if *e == *epoch && offset <= last => return,
-            Some((e, last)) if *e == *epoch && offset > last + 1 => {
+            Some((e, last)) if *e == *epoch && offset > last.saturating_add(1) => {
                 let held = vec![(offset, epoch.clone(), Bytes::copy_from_slice(data))];
                 if l.start_repair(channel, epoch.clone(), (last, offset - 1), true, held) {
                     Step::Held
@@ -1056,6 +1056,8 @@ fn finish_repair(
         }
         t.repair.take().expect("checked")
     };
+    // The channel's epoch in Redis, when the read came back.
+    let real_epoch = page.as_ref().map(|p| p.epoch.clone());
     let page = page.filter(|p| *p.epoch == *rep.epoch);
     let msgs: Vec<(u64, Bytes)> = page
         .map(|p| p.messages)
@@ -1093,6 +1095,25 @@ fn finish_repair(
         if let Some(t) = links.borrow_mut().hist.tracks.get_mut(channel) {
             t.live = true;
         }
+    }
+    if !reaches {
+        // The hole cannot be filled. Deliver what was held directly: replaying it through
+        // `live()` would start the same repair again (a loop that stalls the channel, and
+        // recursion when too much is held). Held messages of an epoch that is not the
+        // channel's epoch in Redis (a stale or forged frame) are dropped; `deliver_numbered`
+        // announces a new epoch with `reset` and drops duplicates.
+        let mut s = shard.borrow_mut();
+        for (offset, epoch, data) in rep.held {
+            if real_epoch.as_ref().is_some_and(|r| **r != *epoch) {
+                continue;
+            }
+            s.deliver_numbered(channel, &data, offset, &epoch);
+        }
+        drop(s);
+        if let Some(t) = links.borrow_mut().hist.tracks.get_mut(channel) {
+            t.live = true;
+        }
+        return;
     }
     for (offset, epoch, data) in rep.held {
         live(shard, links, channel, offset, epoch, &data);
