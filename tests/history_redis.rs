@@ -872,3 +872,81 @@ fn functions_are_reloaded_after_flush_and_after_a_restart_without_persistence() 
     );
     assert_nothing_more(&mut s, "end");
 }
+
+// Regression tests from the review of the repair: a hole that cannot be filled (a frame of a
+// foreign epoch; a new epoch's head that Redis no longer keeps) must not stall the channel
+// (it used to loop the repair, then overflow the stack once 10,000 messages were held).
+
+#[test]
+fn a_frame_of_a_foreign_epoch_does_not_stall_the_channel() {
+    let redis = RedisServer::start();
+    let a = hub(&redis, |_| {});
+    let ch = "h:f";
+    let mut s = Client::connect(a.addr);
+    subscribe(&mut s, ch, None);
+    for i in 1..=3 {
+        assert_eq!(publish(a.addr, ch, json!(i)), 200);
+    }
+    assert_consecutive(&read_through(&mut s, 3), ch, 0, 3, "before");
+    let mut rc = redis.client();
+    // One framed payload whose epoch is not the channel's (a replayed/forged/old-epoch frame).
+    rc.publish("ws:{h:f}:pub", b"@5:0000bogus:{}");
+    let before = rc.command_calls("fcall");
+    // A legit publish after it.
+    assert_eq!(publish(a.addr, ch, json!(4)), 200);
+    thread::sleep(Duration::from_millis(1500));
+    let after = rc.command_calls("fcall");
+    eprintln!("FCALLs in 1.5 s after the stale frame: {}", after - before);
+    s.ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let got = s.ws.read();
+    eprintln!("next frame for the subscriber: {got:?}");
+    assert!(
+        got.is_ok(),
+        "offset 4 was never delivered: the channel is stalled"
+    );
+}
+
+#[test]
+fn an_unrepairable_new_epoch_head_does_not_loop_the_repair() {
+    let redis = RedisServer::start();
+    let a = hub(&redis, |c| {
+        c.namespaces.named.insert("h".into(), history_ns(1));
+    });
+    let ch = "h:s";
+    let mut s = Client::connect(a.addr);
+    subscribe(&mut s, ch, None);
+    for i in 1..=3 {
+        assert_eq!(publish(a.addr, ch, json!(i)), 200);
+    }
+    assert_consecutive(&read_through(&mut s, 3), ch, 0, 3, "before");
+    let mut rc = redis.client();
+    // The epoch is lost (as after a restart without persistence) ...
+    rc.command(&[b"DEL", b"ws:{h:s}:meta", b"ws:{h:s}:stream"]);
+    // ... and this shard misses the new epoch's first message (published while its
+    // subscriber link was down: simulated by a pub/sub channel nobody listens to).
+    let r = rc.command(&[
+        b"FCALL",
+        b"ringhub_publish",
+        b"2",
+        b"ws:{h:s}:stream",
+        b"ws:{h:s}:meta",
+        b"nobody",
+        b"1",
+        b"1",
+        b"300000",
+        b"86400000",
+    ]);
+    eprintln!("missed publish: {r:?}");
+    let before = rc.command_calls("fcall");
+    assert_eq!(publish(a.addr, ch, json!(2)), 200);
+    thread::sleep(Duration::from_millis(1500));
+    eprintln!("FCALLs in 1.5 s: {}", rc.command_calls("fcall") - before);
+    s.ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .unwrap();
+    let got = s.ws.read();
+    eprintln!("next frame: {got:?}");
+    assert!(got.is_ok(), "offset 2 of the new epoch never delivered");
+}
